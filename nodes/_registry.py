@@ -1,0 +1,147 @@
+"""Live registration of node instances in a JetStream KV bucket with a TTL.
+
+Each instance puts ``<name>.<instance>`` every :data:`HEARTBEAT` seconds; the
+bucket's max age (:data:`TTL`) removes an instance that stopped heartbeating
+(killed, frozen, partitioned) within seconds. A clean shutdown purges its key
+at once. ``mesh nodes`` reads the bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from typing import TYPE_CHECKING, Final
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js.api import KeyValueConfig, StorageType
+from nats.js.kv import KeyValue
+
+from mesh import MeshClient
+
+if TYPE_CHECKING:
+    from nodes._node import Node
+
+log = logging.getLogger("mesh.node")
+
+BUCKET: Final = "mesh_nodes"
+TTL: Final = 6.0
+HEARTBEAT: Final = 2.0
+
+
+class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
+    """What a live instance says about itself."""
+
+    name: str
+    instance: str
+    version: str
+    subjects: list[str]
+    host: str
+    pid: int
+    started: float
+    heartbeat: float
+
+
+_encode = msgspec.json.Encoder().encode
+_decode_info = msgspec.json.Decoder(NodeInfo).decode
+
+
+async def open_registry(client: MeshClient, *, create: bool = True) -> KeyValue | None:
+    """The registration bucket; created if missing and ``create``; ``None`` if absent."""
+    js = client.nc.jetstream(timeout=5)
+    try:
+        return await js.key_value(BUCKET)
+    except nats.js.errors.BucketNotFoundError:
+        if not create:
+            return None
+    return await js.create_key_value(
+        KeyValueConfig(bucket=BUCKET, history=1, ttl=TTL, storage=StorageType.MEMORY)
+    )
+
+
+async def list_nodes(client: MeshClient) -> list[NodeInfo]:
+    """Every live instance, sorted by name then start time."""
+    kv = await open_registry(client, create=False)
+    if kv is None:
+        return []
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return []
+    now = time.time()
+    found = []
+    for key in keys:
+        try:
+            entry = await kv.get(key)
+        except nats.js.errors.KeyNotFoundError:
+            continue  # expired between listing and reading
+        if entry.value is None:
+            continue
+        try:
+            info = _decode_info(entry.value)
+        except (msgspec.DecodeError, ValueError):
+            log.warning("ignoring an unreadable registration under %r", key)
+            continue
+        if now - info.heartbeat <= TTL:
+            found.append(info)
+    return sorted(found, key=lambda i: (i.name, i.started))
+
+
+class Registration:
+    """Keeps one instance's registration alive until closed."""
+
+    def __init__(self, client: MeshClient, node: Node, instance: str, started: float) -> None:
+        self.client = client
+        self.key = f"{node.name}.{instance}"
+        self._info = dict(
+            name=node.name,
+            instance=instance,
+            version=node.version,
+            subjects=[h.subject for h in node.handlers],
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=started,
+        )
+        self._kv: KeyValue | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            self._kv = await open_registry(self.client)
+        except (nats.errors.Error, TimeoutError) as exc:
+            log.warning(
+                "not registering in %s (is JetStream enabled on the server?): %s", BUCKET, exc
+            )
+            return
+        await self._put()
+        self._task = asyncio.get_running_loop().create_task(self._heartbeat())
+
+    async def _put(self) -> None:
+        assert self._kv is not None
+        info = NodeInfo(heartbeat=time.time(), **self._info)  # type: ignore[arg-type]
+        await self._kv.put(self.key, _encode(info))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            try:
+                await self._put()
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                # Disconnected: the entry may expire; the next beat restores it.
+                log.debug("heartbeat failed: %s", exc)
+
+    async def aclose(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+        kv, self._kv = self._kv, None
+        if kv is not None:
+            try:
+                await kv.purge(self.key)
+            except (nats.errors.Error, TimeoutError, OSError) as exc:
+                log.debug("deregister: %s", exc)

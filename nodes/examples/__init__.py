@@ -1,0 +1,1 @@
+"""Example agents: ``echo``, and a planner/researcher/writer pipeline (``pipeline``)."""
