@@ -205,10 +205,12 @@ class MeshClient:
         nc = Nats()
         client = cls(nc, name=name, tracing=tracing)
         last_error: list[BaseException] = []
+        connected = False
 
         async def on_error(exc: Exception) -> None:
-            if not nc.is_connected and not client._closed:
-                last_error[:] = [exc]
+            if not connected:
+                last_error[:] = [exc]  # reported once, by ConnectionFailed
+                return
             client._on_error(exc)
 
         async def on_disconnect() -> None:
@@ -244,6 +246,7 @@ class MeshClient:
             await _close_quietly(nc)
             reason = last_error[0] if last_error else exc
             raise ConnectionFailed(", ".join(servers), _describe(reason)) from None
+        connected = True
         return client
 
     async def __aenter__(self) -> MeshClient:
@@ -620,6 +623,8 @@ def _describe(exc: BaseException) -> str:
         return "timed out"
     if isinstance(exc, nats.errors.NoServersError):
         return "no servers available"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
     return text or type(exc).__name__
 
 

@@ -1,0 +1,3 @@
+from mesh._cli import main
+
+main()

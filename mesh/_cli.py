@@ -1,0 +1,416 @@
+"""The ``mesh`` command line.
+
+Every command that talks to NATS takes ``--nats URL`` (environment
+``MESH_NATS_URL``). A user mistake ends with one line on stderr saying what was
+wrong and what to do, and a non-zero exit code — never a traceback:
+
+    1  a mesh error (bad name, no responders, timeout, remote failure…)
+    2  a usage error (bad option or argument)
+    3  the NATS server is unreachable
+    130  interrupted
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MeshClient, Message
+from mesh._errors import ConnectionFailed, MeshError
+from mesh._names import validate_subject
+from mesh._tracing import Tracing, tracing_from_env
+
+T = TypeVar("T")
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="mesh",
+    help="natsmesh: a message-bus mesh for AI agents over NATS.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+node_app = typer.Typer(help="Run agent node processes.", no_args_is_help=True)
+app.add_typer(node_app, name="node")
+
+NatsUrl = Annotated[
+    str,
+    typer.Option(
+        "--nats",
+        envvar="MESH_NATS_URL",
+        help="NATS server URL(s), comma-separated.",
+        show_default=True,
+    ),
+]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")]
+
+
+def fail(message: str, code: int = EXIT_ERROR) -> typer.Exit:
+    """Print ``error: message`` on stderr; return the Exit to raise."""
+    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
+    return typer.Exit(code)
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a command's coroutine, turning mesh errors into clean exits."""
+    try:
+        return asyncio.run(coro)
+    except ConnectionFailed as exc:
+        raise fail(str(exc), EXIT_UNREACHABLE) from None
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def cli_tracing(service_name: str) -> Tracing | None:
+    """Tracing for a CLI process, from ``OTEL_*``; a bad setting is a usage error."""
+    try:
+        return tracing_from_env(service_name)
+    except ValueError as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+
+
+def parse_payload(text: str | None) -> Any:
+    """A payload argument: JSON, ``@file`` (JSON file), ``-`` (stdin), or plain text."""
+    if text is None:
+        return b""
+    if text == "-":
+        text = sys.stdin.read()
+    elif text.startswith("@"):
+        path = Path(text[1:])
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise fail(f"cannot read payload file {path}: {exc.strerror}", EXIT_USAGE) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text.encode()
+
+
+def format_payload(value: Any) -> str:
+    """A received payload for the terminal: JSON if it is JSON, else text or hex."""
+    if isinstance(value, bytes | bytearray | memoryview):
+        raw = bytes(value)
+        try:
+            text = raw.decode()
+        except UnicodeDecodeError:
+            return raw[:256].hex() + ("…" if len(raw) > 256 else "")
+        try:
+            return json.dumps(json.loads(text), ensure_ascii=False)
+        except json.JSONDecodeError:
+            return text
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def mesh_command(func: Callable[..., None]) -> Callable[..., None]:
+    """Validate names given on the command line before anything connects."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> None:
+        try:
+            func(*args, **kwargs)
+        except MeshError as exc:
+            raise fail(str(exc)) from None
+
+    return wrapper
+
+
+# ------------------------------------------------------------------- commands
+
+
+@app.command()
+@mesh_command
+def server(
+    port: Annotated[int, typer.Option(help="Client port (0 picks a free one).")] = 4222,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    store_dir: Annotated[
+        Path | None, typer.Option(help="JetStream store directory (default: a temporary one).")
+    ] = None,
+    monitor_port: Annotated[
+        int, typer.Option(help="HTTP monitoring port on loopback (0 picks one, -1 disables).")
+    ] = 8222,
+    jetstream: Annotated[bool, typer.Option(help="Enable JetStream.")] = True,
+) -> None:
+    """Run an embedded nats-server in the foreground (JetStream on); Ctrl-C stops it."""
+    from mesh._server import NatsServer
+
+    srv = NatsServer(
+        host=host,
+        port=port,
+        jetstream=jetstream,
+        store_dir=store_dir,
+        monitor_port=None if monitor_port < 0 else monitor_port,
+        echo_log=True,
+    )
+    srv.start()
+    typer.secho(
+        f"nats-server ready at {srv.url}"
+        + (f" (monitoring {srv.monitor_url})" if srv.monitor_url else "")
+        + " — Ctrl-C to stop",
+        err=True,
+        fg=typer.colors.GREEN,
+    )
+    try:
+        while srv.running:
+            time.sleep(0.5)
+    except KeyboardInterrupt:
+        return
+    finally:
+        srv.stop()
+    raise fail("nats-server exited unexpectedly; its last log lines:\n" + srv.log_tail())
+
+
+@node_app.command("run")
+@mesh_command
+def node_run(
+    app_spec: Annotated[
+        str,
+        typer.Argument(
+            metavar="MODULE:ATTR", help="The Node to run, e.g. nodes.examples.echo:node"
+        ),
+    ],
+    nats: NatsUrl = DEFAULT_URL,
+    verbose: Verbose = False,
+) -> None:
+    """Run one agent node process until SIGTERM/Ctrl-C, then drain and exit.
+
+    The node subscribes to its subjects (replicas share work through a queue group
+    named after the agent), registers itself for `mesh nodes`, and answers the
+    NATS micro discovery subjects. Traces are exported when OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    """
+    from nodes._runner import load_node, run_process
+
+    setup_logging(verbose)
+    sys.path.insert(0, os.getcwd())
+    node = load_node(app_spec)
+    tracing = cli_tracing(node.name)
+    if tracing is not None:
+        from opentelemetry import trace
+
+        trace.set_tracer_provider(tracing.provider)
+
+    def ready(runtime: Any) -> None:
+        subjects = ", ".join(h.subject for h in node.handlers)
+        typer.secho(
+            f"node {node.name} ({runtime.instance}) serving {subjects} on {nats}",
+            err=True,
+            fg=typer.colors.GREEN,
+        )
+
+    try:
+        run_process(node, nats, tracing=tracing, on_ready=ready)
+    except ConnectionFailed as exc:
+        raise fail(str(exc), EXIT_UNREACHABLE) from None
+
+
+@app.command()
+@mesh_command
+def request(
+    subject: Annotated[str, typer.Argument(help="Subject to send the request to.")],
+    payload: Annotated[
+        str | None,
+        typer.Argument(help="JSON payload, @FILE, or - for stdin (non-JSON is sent as text)."),
+    ] = None,
+    timeout: Annotated[
+        float, typer.Option(help="Seconds to wait for the reply.")
+    ] = DEFAULT_REQUEST_TIMEOUT,
+    nats: NatsUrl = DEFAULT_URL,
+) -> None:
+    """Send a request and print the reply as JSON."""
+    validate_subject(subject)
+    body = parse_payload(payload)
+    tracing = cli_tracing("mesh-cli")
+
+    async def main() -> Any:
+        async with await MeshClient.connect(nats, name="mesh-cli", tracing=tracing) as client:
+            return await client.request(subject, body, timeout=timeout)
+
+    try:
+        reply = run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+    typer.echo(format_payload(reply))
+
+
+@app.command()
+@mesh_command
+def publish(
+    subject: Annotated[str, typer.Argument(help="Subject to publish to.")],
+    payload: Annotated[
+        str | None, typer.Argument(help="JSON payload, @FILE, or - for stdin.")
+    ] = None,
+    count: Annotated[int, typer.Option(min=1, help="How many copies to publish.")] = 1,
+    nats: NatsUrl = DEFAULT_URL,
+) -> None:
+    """Publish an event (fire-and-forget); shows progress for large counts."""
+    validate_subject(subject)
+    body = parse_payload(payload)
+    tracing = cli_tracing("mesh-cli")
+
+    async def main() -> float:
+        async with await MeshClient.connect(nats, name="mesh-cli", tracing=tracing) as client:
+            started = time.perf_counter()
+            if count < 1000:
+                for _ in range(count):
+                    await client.publish(subject, body)
+            else:
+                from rich.progress import Progress
+
+                with Progress(transient=True) as progress:
+                    task = progress.add_task(f"publishing to {subject}", total=count)
+                    step = max(1, count // 100)
+                    for i in range(count):
+                        await client.publish(subject, body)
+                        if i % step == 0:
+                            progress.update(task, completed=i)
+            await client.nc.flush(timeout=10)
+            return time.perf_counter() - started
+
+    try:
+        elapsed = run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+    rate = f" ({count / elapsed:,.0f} msg/s)" if count >= 1000 and elapsed > 0 else ""
+    typer.secho(f"published {count} message(s) to {subject}{rate}", err=True)
+
+
+@app.command()
+@mesh_command
+def sub(
+    pattern: Annotated[
+        str, typer.Argument(help="Subject or pattern ('*' one token, '>' the rest).")
+    ],
+    count: Annotated[
+        int, typer.Option(min=0, help="Exit after this many messages (0: run until Ctrl-C).")
+    ] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+    nats: NatsUrl = DEFAULT_URL,
+) -> None:
+    """Print messages as they pass: time, subject, sender and decoded payload."""
+    validate_subject(pattern, wildcards=True)
+
+    async def main() -> None:
+        done = asyncio.Event()
+        seen = 0
+
+        async def show(msg: Message) -> None:
+            nonlocal seen
+            try:
+                value: Any = msg.decode()
+            except MeshError:
+                value = msg.data
+            env = msg.envelope
+            if as_json:
+                line = json.dumps(
+                    {
+                        "subject": msg.subject,
+                        "sender": msg.sender,
+                        "id": env.id if env else "",
+                        "kind": env.kind.name.lower() if env else "plain",
+                        "reply": msg.reply,
+                        "payload": json.loads(format_payload(value))
+                        if _is_json(format_payload(value))
+                        else format_payload(value),
+                    },
+                    ensure_ascii=False,
+                )
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                sender = msg.sender or "-"
+                line = f"{stamp} {msg.subject} [{sender}] {format_payload(value)}"
+            typer.echo(line)
+            seen += 1
+            if count and seen >= count:
+                done.set()
+
+        async with await MeshClient.connect(nats, name="mesh-cli") as client:
+            await client.subscribe(pattern, show)
+            typer.secho(f"listening on {pattern} — Ctrl-C to stop", err=True)
+            await done.wait()
+
+    run(main())
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+@app.command()
+@mesh_command
+def nodes(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    nats: NatsUrl = DEFAULT_URL,
+) -> None:
+    """List live node instances: name, instance id, subjects, host, uptime."""
+    from nodes._registry import list_nodes
+
+    async def main() -> list[Any]:
+        async with await MeshClient.connect(nats, name="mesh-cli") as client:
+            return await list_nodes(client)
+
+    found = run(main())
+    if as_json:
+        import msgspec
+
+        typer.echo(msgspec.json.encode(found).decode())
+        return
+    if not found:
+        typer.secho("no live nodes (start one with `mesh node run MODULE:ATTR`)", err=True)
+        return
+    now = time.time()
+    rows = [
+        (n.name, n.instance, ",".join(n.subjects), f"{n.host}:{n.pid}", _uptime(now - n.started))
+        for n in found
+    ]
+    headers = ("NAME", "INSTANCE", "SUBJECTS", "HOST:PID", "UPTIME")
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    for row in (headers, *rows):
+        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _uptime(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+# -- commands defined in their own modules register here ---------------------------
+
+
+def main() -> None:
+    """Entry point of the ``mesh`` console script."""
+    app()
