@@ -1,0 +1,30 @@
+"""Fixtures that start real nats-server processes for the tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from mesh._server import NatsCluster, NatsServer
+
+
+@pytest.fixture
+def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
+    """A running JetStream nats-server on a free loopback port, stopped after the test."""
+    with NatsServer(store_dir=tmp_path / "nats-store") as server:
+        yield server
+
+
+@pytest.fixture
+def nats_url(nats_server: NatsServer) -> str:
+    """The client URL of the `nats_server` fixture."""
+    return nats_server.url
+
+
+@pytest.fixture
+def nats_cluster(tmp_path: Path) -> Iterator[NatsCluster]:
+    """A running three-server JetStream cluster on loopback, stopped after the test."""
+    with NatsCluster(3, base_dir=tmp_path / "nats-cluster") as cluster:
+        yield cluster
