@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from mesh._server import NatsCluster, NatsServer
+from mesh._cluster import NatsCluster
+from mesh._server import NatsServer
 
 
 @pytest.fixture

@@ -21,8 +21,9 @@ from _util import arun
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+from mesh._cluster import NatsCluster
 from mesh._errors import NatsServerNotFound, NatsServerStartError
-from mesh._server import NatsCluster, NatsServer, find_nats_server
+from mesh._server import NatsServer, find_nats_server
 
 REPO = Path(__file__).resolve().parents[1]
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
