@@ -377,6 +377,9 @@ def _popen(argv: list[str]) -> subprocess.Popen[bytes]:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         preexec_fn=_die_with_parent(),
+        # Its own session: a terminal's Ctrl-C reaches the parent only, which then drains
+        # its nodes before stopping the server. PDEATHSIG still prevents orphans.
+        start_new_session=True,
     )
 
 

@@ -1,0 +1,874 @@
+"""``mesh up``: run a whole mesh from one command.
+
+    mesh up --demo     embedded nats-server, the demo agents as processes, steady traffic
+    mesh up [FILE]     the nodes a mesh.toml lists, restarted when they crash, until Ctrl-C
+
+A mesh.toml (validated; unknown keys are errors)::
+
+    nats = "nats://127.0.0.1:4222"     # optional: default --nats / MESH_NATS_URL
+    embedded_server = false            # true: run a nats-server there (port 0: a free one)
+
+    [[node]]
+    app = "nodes.examples.echo:node"   # MODULE:ATTR, as for `mesh node run`
+    replicas = 2                       # 1..64
+
+Every node replica is a child process, ``python -m mesh node run SPEC --nats URL``, in its
+own process group (a Ctrl-C in the terminal reaches only ``mesh up``, which then stops
+things in order) and, on Linux, set to receive SIGTERM if ``mesh up`` itself dies.
+Shutdown order: stop traffic, wait for in-flight requests, SIGTERM the nodes (they drain
+and deregister), SIGKILL stragglers, close the client, stop the embedded server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import signal
+import socket
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Final, TextIO
+from urllib.parse import urlsplit
+
+import msgspec
+import nats.errors
+import typer
+
+from mesh._client import DEFAULT_URL, MeshClient
+from mesh._errors import MeshError, RemoteError
+from topology import LatencyHistogram
+
+if TYPE_CHECKING:
+    from mesh._server import NatsServer
+    from mesh._tracing import Tracing
+
+DEMO_NODES: Final = (
+    ("nodes.examples.echo:node", 1),
+    ("nodes.examples.pipeline:planner", 1),
+    ("nodes.examples.pipeline:researcher", 3),
+    ("nodes.examples.pipeline:writer", 1),
+)
+DEFAULT_FILE: Final = "mesh.toml"
+DEFAULT_RATE: Final = 10.0
+MAX_RATE: Final = 1000.0
+MAX_INFLIGHT: Final = 64
+MAX_REPLICAS: Final = 64
+MAX_PROCESSES: Final = 256
+READY_TIMEOUT: Final = 60.0
+REQUEST_TIMEOUT: Final = 10.0
+STOP_TIMEOUT: Final = 15.0  # SIGTERM to exit: a node drains, deregisters, closes
+KILL_TIMEOUT: Final = 5.0
+MAX_RESTARTS: Final = 5
+BACKOFF_FIRST: Final = 0.5
+BACKOFF_MAX: Final = 10.0
+TAIL_LINES: Final = 20
+MAX_ERROR_KINDS: Final = 32
+EXIT_INTERRUPTED: Final = 130
+_TOPICS: Final = (
+    "solid-state batteries",
+    "urban heat islands",
+    "protein structure prediction",
+    "carbon capture at cement plants",
+    "open-source chip design",
+    "vertical farming",
+    "grid-scale storage",
+    "antibiotic resistance",
+    "small modular reactors",
+    "satellite internet latency",
+    "coral reef restoration",
+    "federated learning in hospitals",
+)
+_TRACES_HINT: Final = """\
+traces: to see one trace per task in Jaeger, run Jaeger with OTLP and export to it:
+  docker run --rm -p 16686:16686 -p 4317:4317 -p 4318:4318 jaegertracing/all-in-one:latest
+  OTEL_EXPORTER_OTLP_ENDPOINT=http://localhost:4317 mesh up --demo
+  then open http://localhost:16686 (the node processes inherit OTEL_* from `mesh up`)"""
+
+
+class UpError(MeshError):
+    """``mesh up`` could not bring the mesh up (a node failed to start)."""
+
+
+# ------------------------------------------------------------------- mesh.toml
+
+
+class NodeEntry(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """One ``[[node]]`` table: the app to run and how many replicas."""
+
+    app: str
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=MAX_REPLICAS)] = 1
+
+
+class MeshFile(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A ``mesh.toml``: where NATS is and which nodes to run."""
+
+    node: Annotated[list[NodeEntry], msgspec.Meta(min_length=1)]
+    nats: str | None = None
+    embedded_server: bool = False
+
+
+class MeshFileError(ValueError):
+    """A mesh.toml that cannot be read or does not validate."""
+
+
+def load_mesh_file(path: Path) -> MeshFile:
+    """Read and validate ``path``; raises :class:`MeshFileError` saying what is wrong."""
+    import tomllib
+
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MeshFileError("no such file (write one, or try `mesh up --demo`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MeshFileError(getattr(exc, "strerror", None) or str(exc)) from None
+    try:
+        config = msgspec.convert(tomllib.loads(text), MeshFile)
+    except tomllib.TOMLDecodeError as exc:
+        raise MeshFileError(f"invalid TOML: {exc}") from None
+    except msgspec.ValidationError as exc:
+        raise MeshFileError(_readable(str(exc))) from None
+    for i, entry in enumerate(config.node):
+        module, sep, attr = entry.app.partition(":")
+        if not (sep and _dotted(module) and _dotted(attr)):
+            raise MeshFileError(
+                f"node[{i}].app = {entry.app!r} must look like MODULE:ATTR, "
+                "e.g. nodes.examples.echo:node"
+            )
+    total = sum(entry.replicas for entry in config.node)
+    if total > MAX_PROCESSES:
+        raise MeshFileError(f"{total} replicas in all; at most {MAX_PROCESSES} are allowed")
+    if config.nats is not None and not config.nats.strip():
+        raise MeshFileError("nats must be a URL such as nats://127.0.0.1:4222")
+    return config
+
+
+def _readable(error: str) -> str:
+    """msgspec's "… - at `$.node[0]`" as "… (at node[0])", with a hint for a missing node."""
+    text, _, where = error.partition(" - at `$")
+    where = where.rstrip("`").lstrip(".")
+    if text == "Object missing required field `node`" and not where:
+        text += ': add a [[node]] table with app = "MODULE:ATTR"'
+    return f"{text} (at {where})" if where else text
+
+
+def _dotted(name: str) -> bool:
+    return all(part.isidentifier() for part in name.split("."))
+
+
+def embedded_server_for(url: str) -> NatsServer:
+    """A NatsServer listening where ``url`` points (a free port when it names none)."""
+    from mesh._server import NatsServer
+
+    if "," in url:
+        raise MeshFileError("embedded_server needs a single nats URL, not a list")
+    parts = urlsplit(url if "://" in url else f"nats://{url}")
+    try:
+        port = parts.port or 0
+    except ValueError:
+        raise MeshFileError(f"nats = {url!r} has an invalid port") from None
+    return NatsServer(host=parts.hostname or "127.0.0.1", port=port, monitor_port=None)
+
+
+# ------------------------------------------------------------------- terminal
+
+
+class Console:
+    """stderr for people: messages, and one status line rewritten in place on a TTY."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self._status = ""
+
+    def say(self, text: str) -> None:
+        if self.tty and self._status:
+            self.stream.write("\r\x1b[K")
+        self.stream.write(text + "\n")
+        if self.tty and self._status:
+            self.stream.write(self._status)
+        self.stream.flush()
+
+    def status(self, line: str) -> None:
+        if self.tty:
+            self._status = line
+            self.stream.write("\r\x1b[K" + line)
+            self.stream.flush()
+        else:
+            self.say(line)
+
+    def clear(self) -> None:
+        if self.tty and self._status:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+        self._status = ""
+
+
+class ConsoleLog(logging.Handler):
+    """Log records through the console, so they do not tear the status line."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.console.say(self.format(record))
+        except Exception:  # logging must never raise; report it the standard way
+            self.handleError(record)
+
+
+# ------------------------------------------------------------------- shutdown
+
+
+class Shutdown:
+    """Why ``mesh up`` stops. A second signal makes the stop urgent: no more waiting."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.requested = asyncio.Event()
+        self.urgent = asyncio.Event()
+        self.reason = ""
+        self.failed = False  # stopped by a failure rather than by the user or --duration
+
+    def request(self, reason: str, *, failed: bool = False) -> None:
+        if not self.requested.is_set():
+            self.reason, self.failed = reason, failed
+            self.requested.set()
+
+    def on_signal(self, signum: int) -> None:
+        if self.requested.is_set():
+            self.console.say("second signal: stopping now, without waiting")
+            self.urgent.set()
+            return
+        self.request(signal.Signals(signum).name)
+        self.console.say("stopping… (press Ctrl-C again to stop at once)")
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until a stop is requested, or ``timeout`` seconds pass."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.requested.wait(), timeout)
+
+    async def settle(self, tasks: set[asyncio.Task[Any]], timeout: float) -> set[asyncio.Task[Any]]:
+        """Wait up to ``timeout`` for ``tasks`` (less if the stop turns urgent); the rest."""
+        pending = {t for t in tasks if not t.done()}
+        deadline = time.monotonic() + timeout
+        urgent = asyncio.ensure_future(self.urgent.wait())
+        try:
+            while pending and not self.urgent.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                done, _ = await asyncio.wait(
+                    pending | {urgent}, timeout=remaining, return_when=asyncio.FIRST_COMPLETED
+                )
+                pending -= done
+        finally:
+            urgent.cancel()
+        return pending
+
+
+# ------------------------------------------------------------------- node processes
+
+
+class Replica:
+    """One node process, and what it said last."""
+
+    def __init__(self, spec: str, index: int) -> None:
+        module, _, attr = spec.partition(":")
+        self.spec = spec
+        self.label = f"{module.rsplit('.', 1)[-1] if attr == 'node' else attr}#{index}"
+        self.proc: asyncio.subprocess.Process | None = None
+        self.reader: asyncio.Task[None] | None = None
+        self.tail: deque[str] = deque(maxlen=TAIL_LINES)
+        self.restarts = 0
+        self.crashes = 0
+        self.gave_up = False
+
+    def last_output(self) -> str:
+        return "\n".join(f"  {line}" for line in self.tail) or "  (no output)"
+
+
+class NodeFleet:
+    """The node processes of one ``mesh up``; an async context manager that stops them."""
+
+    def __init__(
+        self,
+        nodes: list[tuple[str, int]],
+        url: str,
+        console: Console,
+        *,
+        verbose: bool,
+    ) -> None:
+        self.replicas = [Replica(spec, i + 1) for spec, n in nodes for i in range(n)]
+        self.url = url
+        self.console = console
+        self.verbose = verbose
+        self.ready = False
+        self.startup_failure: Replica | None = None
+        self._failure = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._group = asyncio.TaskGroup()
+        self._watchers: set[asyncio.Task[Any]] = set()
+        from mesh._server import _die_with_parent
+
+        self._preexec = _die_with_parent()  # Linux: SIGTERM when `mesh up` dies
+        self._host = socket.gethostname()
+
+    async def __aenter__(self) -> NodeFleet:
+        await self._group.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        try:
+            await self.stop(STOP_TIMEOUT, None)
+        finally:
+            await self._group.__aexit__(None, None, None)
+
+    @property
+    def crashes(self) -> int:
+        return sum(r.crashes for r in self.replicas)
+
+    @property
+    def restarts(self) -> int:
+        return sum(r.restarts for r in self.replicas)
+
+    async def start(self) -> None:
+        """Start every replica; each is watched (and restarted) from now on."""
+        for replica in self.replicas:
+            await self._spawn(replica)
+            self._watchers.add(self._group.create_task(self._watch(replica)))
+
+    async def _spawn(self, replica: Replica) -> None:
+        argv = [sys.executable, "-m", "mesh", "node", "run", replica.spec, "--nats", self.url]
+        if self.verbose:
+            argv.append("--verbose")
+        try:
+            replica.proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                process_group=0,
+                preexec_fn=self._preexec,
+            )
+        except OSError as exc:
+            raise UpError(f"cannot start a node process for {replica.spec}: {exc}") from None
+        assert replica.proc.stderr is not None
+        replica.reader = self._group.create_task(self._read(replica, replica.proc.stderr))
+
+    async def _read(self, replica: Replica, stream: asyncio.StreamReader) -> None:
+        while True:
+            try:
+                raw = await stream.readline()
+            except ValueError:  # a line over the stream limit was skipped
+                continue
+            if not raw:
+                return
+            line = raw.decode("utf-8", "replace").rstrip()
+            replica.tail.append(line)
+            if self.verbose:
+                self.console.say(f"[{replica.label}] {line}")
+
+    async def _watch(self, replica: Replica) -> None:
+        while True:
+            assert replica.proc is not None
+            code = await replica.proc.wait()
+            if self._stopping.is_set():
+                return
+            if replica.reader is not None:  # let the reader catch the last words
+                await asyncio.wait({replica.reader}, timeout=1.0)
+            replica.crashes += 1
+            if not self.ready:
+                self.startup_failure = replica
+                self._failure.set()
+                return
+            if replica.restarts >= MAX_RESTARTS:
+                replica.gave_up = True
+                self.console.say(
+                    f"node {replica.label} ({replica.spec}) exited with code {code}; "
+                    f"not restarting it (after {replica.restarts} restarts). Its last output:\n"
+                    + replica.last_output()
+                )
+                return
+            delay = min(BACKOFF_MAX, BACKOFF_FIRST * 2**replica.restarts)
+            self.console.say(
+                f"node {replica.label} exited with code {code}; restart "
+                f"{replica.restarts + 1}/{MAX_RESTARTS} in {delay:g}s"
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            if self._stopping.is_set():
+                return
+            replica.restarts += 1
+            try:
+                await self._spawn(replica)
+            except UpError as exc:
+                replica.gave_up = True
+                self.console.say(str(exc))
+                return
+
+    async def registered(self, client: MeshClient) -> int:
+        """How many of this fleet's processes are registered in the node registry."""
+        from nodes._registry import list_nodes
+
+        pids = {r.proc.pid for r in self.replicas if r.proc is not None}
+        found = await list_nodes(client)
+        return sum(1 for info in found if info.host == self._host and info.pid in pids)
+
+    async def wait_ready(self, client: MeshClient, shutdown: Shutdown, timeout: float) -> bool:
+        """Until every replica is registered (True) or a stop is requested (False).
+
+        Raises UpError when a replica exits first or the time runs out.
+        """
+        deadline = time.monotonic() + timeout
+        while not shutdown.requested.is_set():
+            failed = self.startup_failure
+            if failed is not None:
+                assert failed.proc is not None
+                raise UpError(
+                    f"node {failed.label} ({failed.spec}) exited with code "
+                    f"{failed.proc.returncode} before it was ready. Its last output:\n"
+                    + failed.last_output()
+                )
+            try:
+                up = await asyncio.wait_for(self.registered(client), 5.0)
+            except (TimeoutError, MeshError, OSError, nats.errors.Error):
+                up = 0  # the registry is not there yet: nodes create it as they start
+            if up >= len(self.replicas):
+                self.ready = True
+                return True
+            if time.monotonic() > deadline:
+                raise UpError(
+                    f"only {up} of {len(self.replicas)} node processes registered within "
+                    f"{timeout:g}s (does the NATS server have JetStream enabled?)"
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._failure.wait(), 0.25)
+        return False
+
+    async def stop(self, grace: float, shutdown: Shutdown | None) -> None:
+        """SIGTERM every process, wait up to ``grace`` s, SIGKILL the rest (idempotent)."""
+        self._stopping.set()
+        self._signal(signal.SIGTERM)
+        pending = {t for t in self._watchers if not t.done()}
+        if pending and shutdown is not None:
+            pending = await shutdown.settle(pending, grace)
+        elif pending:
+            _, pending = await asyncio.wait(pending, timeout=grace)
+        if pending:
+            self.console.say(f"{_count(len(pending), 'node process')} did not stop: killing")
+            self._signal(signal.SIGKILL)
+            await asyncio.wait(pending, timeout=KILL_TIMEOUT)
+        # A reader outlives its process only if a grandchild holds the pipe open.
+        readers = {r.reader for r in self.replicas if r.reader is not None and not r.reader.done()}
+        if readers:
+            await asyncio.wait(readers, timeout=1.0)
+            for reader in readers:
+                reader.cancel()
+
+    def _signal(self, sig: signal.Signals) -> None:
+        for replica in self.replicas:
+            proc = replica.proc
+            if proc is not None and proc.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(sig)
+
+
+# ------------------------------------------------------------------- demo traffic
+
+
+class Traffic:
+    """Demo tasks on ``demo.plan`` at a steady rate with at most ``max_inflight`` open."""
+
+    def __init__(self, client: MeshClient, rate: float, max_inflight: int = MAX_INFLIGHT) -> None:
+        self.client = client
+        self.rate = rate
+        self.max_inflight = max_inflight
+        self.total = LatencyHistogram()
+        self.recent = LatencyHistogram()  # since the last status line
+        self.errors: Counter[str] = Counter()
+        self.sent = self.done = self.shed = self.aborted = 0
+        self.started = self.stopped = 0.0
+        self._inflight: set[asyncio.Task[None]] = set()
+        self._run = client.new_id()[-6:]
+        from nodes.examples.pipeline import Report, Task
+
+        self._task_type, self._report_type = Task, Report
+
+    @property
+    def failed(self) -> int:
+        return sum(self.errors.values())
+
+    def roll(self) -> LatencyHistogram:
+        """The latencies since the last roll (they move into :attr:`total`)."""
+        window = self.recent
+        self.total.merge(window)
+        self.recent = LatencyHistogram()
+        return window
+
+    async def run(
+        self, shutdown: Shutdown, duration: float | None, drain: Callable[[], float]
+    ) -> None:
+        """Send tasks until a stop or ``duration``, then wait ``drain()`` s for the open ones."""
+        interval = 1.0 / self.rate
+        self.started = time.monotonic()
+        end = self.started + duration if duration is not None else math.inf
+        tick = 0
+        async with asyncio.TaskGroup() as group:
+            while not shutdown.requested.is_set():
+                now = time.monotonic()
+                if now >= end:
+                    break
+                due = self.started + tick * interval
+                if due > now:
+                    await shutdown.wait(min(due, end) - now)
+                    continue
+                late = int((now - due) / interval)
+                if late > self.rate:  # over a second behind (the loop stalled): skip ahead
+                    self.shed += late
+                    tick += late
+                tick += 1
+                if len(self._inflight) >= self.max_inflight:
+                    self.shed += 1
+                    continue
+                self.sent += 1
+                task = group.create_task(self._one(self.sent))
+                self._inflight.add(task)
+                task.add_done_callback(self._inflight.discard)
+            self.stopped = time.monotonic()
+            for task in await shutdown.settle(set(self._inflight), drain()):
+                task.cancel()
+        self.roll()
+
+    async def _one(self, n: int) -> None:
+        task = self._task_type(id=f"{self._run}-{n}", topic=_TOPICS[n % len(_TOPICS)])
+        started = time.perf_counter_ns()
+        try:
+            await self.client.request(
+                "demo.plan", task, type=self._report_type, timeout=REQUEST_TIMEOUT
+            )
+        except asyncio.CancelledError:
+            self.aborted += 1
+            raise
+        except Exception as exc:  # every failure is counted by kind, none stops the traffic
+            kind = f"RemoteError({exc.error_type})" if isinstance(exc, RemoteError) else ""
+            kind = kind or type(exc).__name__
+            if kind not in self.errors and len(self.errors) >= MAX_ERROR_KINDS:
+                kind = "other"
+            self.errors[kind] += 1
+            return
+        self.recent.record(time.perf_counter_ns() - started)
+        self.done += 1
+
+
+# ------------------------------------------------------------------- status line
+
+
+class StatusLine:
+    """Refreshes the status line until closed; also watches the embedded server."""
+
+    def __init__(
+        self,
+        console: Console,
+        fleet: NodeFleet,
+        client: MeshClient,
+        shutdown: Shutdown,
+        server: NatsServer | None,
+        traffic: Traffic | None,
+    ) -> None:
+        self.console = console
+        self.fleet = fleet
+        self.client = client
+        self.shutdown = shutdown
+        self.server = server
+        self.traffic = traffic
+        self.interval = 1.0 if console.tty else 5.0
+        self.started = time.monotonic()
+        self._up = "?"
+        self._done = 0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> StatusLine:
+        self._task = asyncio.get_running_loop().create_task(self._loop())
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait({task})
+            error = None if task.cancelled() else task.exception()
+            if error is not None:  # a bug: report it, never hide it
+                raise error
+        self.console.clear()
+
+    async def _loop(self) -> None:
+        last = time.monotonic()
+        while True:
+            await asyncio.sleep(self.interval)
+            if self.server is not None and not self.server.running:
+                self.shutdown.request("the embedded nats-server exited", failed=True)
+            try:
+                self._up = str(await asyncio.wait_for(self.fleet.registered(self.client), 2.0))
+            except (TimeoutError, MeshError, OSError, nats.errors.Error):
+                self._up = "?"
+            now = time.monotonic()
+            self.console.status(self.render(now - last))
+            last = now
+
+    def render(self, period: float) -> str:
+        fleet = self.fleet
+        parts = [f"{time.monotonic() - self.started:5.0f}s"]
+        traffic = self.traffic
+        if traffic is not None:
+            window = traffic.roll()
+            rate = (traffic.done - self._done) / period if period > 0 else 0.0
+            self._done = traffic.done
+            parts += [
+                f"tasks {traffic.sent} sent {traffic.done} done",
+                f"{rate:5.1f}/s",
+                f"p50 {_ms(window.quantile(0.5))} p99 {_ms(window.quantile(0.99))}"
+                if window.count
+                else "p50 - p99 -",
+                f"errors {traffic.failed}",
+            ]
+            if traffic.shed:
+                parts.append(f"shed {traffic.shed}")
+        parts.append(f"nodes {self._up}/{len(fleet.replicas)}")
+        if fleet.restarts:
+            parts.append(f"restarts {fleet.restarts}")
+        return "  ".join(parts)
+
+
+def _ms(ns: int) -> str:
+    return f"{ns / 1e6:.1f}ms"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}es" if noun.endswith("s") else f"{n} {noun}s"
+
+
+# ------------------------------------------------------------------- orchestration
+
+
+async def run_up(
+    nodes: list[tuple[str, int]],
+    *,
+    url: str,
+    server: NatsServer | None,
+    demo: bool,
+    rate: float,
+    duration: float | None,
+    verbose: bool,
+    console: Console,
+    tracing: Tracing | None = None,
+) -> int:
+    """Bring the mesh up, run until stopped, bring it down; returns the exit code."""
+    shutdown = Shutdown(console)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, shutdown.on_signal, sig)
+    traffic: Traffic | None = None
+    fleet: NodeFleet | None = None
+
+    def lost() -> bool:
+        # A Ctrl-C in a terminal reaches the embedded server too: once it is gone nothing
+        # can drain or deregister, and waiting for that would only delay the exit.
+        return server is not None and not server.running
+
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            if server is not None:
+                console.say("starting nats-server…")
+                await stack.enter_async_context(server)
+                url = server.url
+                console.say(f"nats-server ready at {url}")
+            client = await MeshClient.connect(url, name="mesh-up", tracing=tracing)
+            stack.push_async_callback(client.aclose, 5.0)
+            fleet = await stack.enter_async_context(NodeFleet(nodes, url, console, verbose=verbose))
+            await fleet.start()
+            listing = ", ".join(f"{spec} ×{n}" for spec, n in nodes)
+            console.say(f"started {_count(len(fleet.replicas), 'node process')}: {listing}")
+            if not await fleet.wait_ready(client, shutdown, READY_TIMEOUT):
+                console.say("interrupted before the nodes were ready")
+                return EXIT_INTERRUPTED
+            console.say(f"all {_count(len(fleet.replicas), 'node')} registered on {url}")
+            if demo:
+                console.say(_traces_hint())
+                traffic = Traffic(client, rate)
+                console.say(f"sending {rate:g} tasks/s to demo.plan — Ctrl-C to stop")
+            else:
+                console.say("running — Ctrl-C to stop")
+            async with StatusLine(console, fleet, client, shutdown, server, traffic):
+                if traffic is not None:
+                    await traffic.run(
+                        shutdown, duration, lambda: 0.0 if lost() else REQUEST_TIMEOUT + 1.0
+                    )
+                else:
+                    await shutdown.wait(duration)
+            if lost():
+                console.say(
+                    "the embedded nats-server has stopped too (a Ctrl-C in the terminal "
+                    "reaches it): stopping the nodes without waiting for them to drain"
+                )
+                await client.aclose(0.5)
+            console.say(f"stopping {_count(len(fleet.replicas), 'node process')}…")
+            await fleet.stop(2.0 if lost() else STOP_TIMEOUT, shutdown)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        console.clear()
+    _summary(fleet, traffic, shutdown)
+    if shutdown.failed or (fleet is not None and fleet.crashes):
+        return 1
+    if traffic is not None and traffic.sent and not traffic.done:
+        return 1
+    return 0
+
+
+def _traces_hint() -> str:
+    endpoint = os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get(
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    if endpoint:
+        return (
+            f"traces: exporting to {endpoint} (the node processes inherit OTEL_* from "
+            "`mesh up`); with Jaeger, open http://localhost:16686"
+        )
+    return _TRACES_HINT
+
+
+def _summary(fleet: NodeFleet | None, traffic: Traffic | None, shutdown: Shutdown) -> None:
+    lines = [f"mesh up: stopped ({shutdown.reason or 'duration reached'})"]
+    if traffic is not None:
+        seconds = max((traffic.stopped or time.monotonic()) - traffic.started, 1e-9)
+        hist = traffic.total
+        lines.append(
+            f"  tasks       {traffic.sent} sent, {traffic.done} done, {traffic.failed} errors, "
+            f"{traffic.shed} shed, {traffic.aborted} aborted"
+        )
+        lines.append(f"  throughput  {traffic.done / seconds:.1f} tasks/s over {seconds:.1f}s")
+        if hist.count:
+            lines.append(
+                "  latency     "
+                + "  ".join(f"p{q} {_ms(hist.quantile(q / 100))}" for q in (50, 90, 99))
+                + f"  max {_ms(hist.max)}"
+            )
+        if traffic.errors:
+            kinds = ", ".join(f"{kind} ×{n}" for kind, n in traffic.errors.most_common())
+            lines.append(f"  errors      {kinds}")
+    if fleet is not None:
+        gave_up = sum(r.gave_up for r in fleet.replicas)
+        lines.append(
+            f"  nodes       {_count(len(fleet.replicas), 'process')}, {fleet.crashes} crashed, "
+            f"{fleet.restarts} restarts" + (f", {gave_up} given up" if gave_up else "")
+        )
+    print("\n".join(lines), flush=True)
+
+
+# ------------------------------------------------------------------- the command
+
+
+def up(
+    ctx: typer.Context,
+    file: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="FILE",
+            help=f"TOML file listing the nodes (default ./{DEFAULT_FILE}).",
+            show_default=False,
+        ),
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Embedded nats-server, the demo agents and traffic.")
+    ] = False,
+    duration: Annotated[
+        float | None,
+        typer.Option(
+            help="Stop after this many seconds (default: run until Ctrl-C).", show_default=False
+        ),
+    ] = None,
+    rate: Annotated[float, typer.Option(help="Demo tasks per second.")] = DEFAULT_RATE,
+    nats: Annotated[
+        str,
+        typer.Option("--nats", envvar="MESH_NATS_URL", help="NATS server URL(s), comma-separated."),
+    ] = DEFAULT_URL,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", "-v", help="Log at INFO level; show the nodes' output.")
+    ] = False,
+) -> None:
+    """Run a mesh: the nodes of a mesh.toml, or the whole demo.
+
+    `mesh up --demo` starts an embedded nats-server on a free port (or uses
+    --nats when given on the command line), the demo agents (echo, planner,
+    3 researchers, writer) as processes, and sends tasks to demo.plan at
+    --rate, showing throughput and latency. `mesh up FILE` runs the node
+    tables of FILE (default ./mesh.toml) and restarts crashed nodes.
+    Ctrl-C, SIGTERM or --duration stops everything in order, then a summary
+    is printed.
+    """
+    from mesh._cli import EXIT_USAGE, cli_tracing, fail, run
+
+    if sys.platform == "win32":
+        raise fail("mesh up needs a POSIX system (process groups and signals)")
+    if demo and file is not None:
+        raise fail("give either FILE or --demo, not both", EXIT_USAGE)
+    if duration is not None and not (0 < duration < math.inf):
+        raise fail("--duration must be a positive number of seconds", EXIT_USAGE)
+    if not 0 < rate <= MAX_RATE:
+        raise fail(f"--rate must be above 0 and at most {MAX_RATE:g} tasks/s", EXIT_USAGE)
+    source = ctx.get_parameter_source("nats")
+    explicit_nats = source is not None and source.name == "COMMANDLINE"
+    server: NatsServer | None = None
+    if demo:
+        nodes = list(DEMO_NODES)
+        if not explicit_nats:
+            server = embedded_server_for("nats://127.0.0.1")
+    else:
+        path = file if file is not None else Path(DEFAULT_FILE)
+        try:
+            config = load_mesh_file(path)
+            if config.nats is not None and not explicit_nats:
+                nats = config.nats
+            if config.embedded_server:
+                server = embedded_server_for(nats)
+        except MeshFileError as exc:
+            raise fail(f"{path}: {exc}", EXIT_USAGE) from None
+        nodes = [(entry.app, entry.replicas) for entry in config.node]
+    tracing = cli_tracing("mesh-up") if demo else None
+    console = Console(sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, handlers=[ConsoleLog(console)]
+    )
+    try:
+        code = run(
+            run_up(
+                nodes,
+                url=nats,
+                server=server,
+                demo=demo,
+                rate=rate,
+                duration=duration,
+                verbose=verbose,
+                console=console,
+                tracing=tracing,
+            )
+        )
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``mesh up`` to the CLI."""
+    app.command("up")(up)
