@@ -58,6 +58,7 @@ DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_CONNECT_TIMEOUT: Final = 2.0
 DEFAULT_REQUEST_TIMEOUT: Final = 5.0
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
+DEFAULT_FLUSH_TIMEOUT: Final = 5.0
 #: Messages and bytes a subscription may hold before the oldest are dropped (counted).
 DEFAULT_PENDING_MSGS: Final = 65_536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
@@ -270,6 +271,25 @@ class MeshClient:
         if self.nc.is_connected:
             await self.nc.drain()
         await self.nc.close()
+
+    async def flush(self, timeout: float = DEFAULT_FLUSH_TIMEOUT) -> None:
+        """Return once the server has processed everything sent so far, subscriptions
+        included: a message published after this reaches a subscription made before it.
+
+        Raises :class:`TimeoutError` after ``timeout`` seconds.
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                # nats-py writes a flush's PING straight to the socket, ahead of commands its
+                # flusher task has not written yet (a SUB just made), so the PONG alone proves
+                # nothing about them: let the flusher write them first.
+                delay = 0.0
+                while self.nc._pending and self.nc.is_connected:
+                    await asyncio.sleep(delay)
+                    delay = 0.001
+                await self.nc.flush()
+        except nats.errors.ConnectionClosedError:
+            raise MeshError("the mesh client is closed") from None
 
     @property
     def connected(self) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import msgspec
 
-from mesh._errors import MalformedMessage
+from mesh._errors import MalformedMessage, PayloadError
 
 MAGIC: Final = 0xC1
 VERSION: Final = 1
@@ -97,8 +97,18 @@ _header_decoder: Final = msgspec.msgpack.Decoder(Envelope)
 
 
 def encode_frame(envelope: Envelope, body: bytes) -> bytes:
-    """Return the frame for ``envelope`` and ``body`` (one copy of the body)."""
+    """Return the frame for ``envelope`` and ``body`` (one copy of the body).
+
+    Raises :class:`PayloadError` if the encoded envelope is over :data:`MAX_HEADER_SIZE`.
+    """
     header = _encode_header(envelope)
+    if len(header) > MAX_HEADER_SIZE:
+        # The length field is 16 bits; a header this large is a bug upstream (a runaway
+        # trace or id), and receivers refuse it too.
+        raise PayloadError(
+            f"message envelope header is {len(header)} bytes, over the {MAX_HEADER_SIZE}-byte "
+            "limit: the id, sender or trace field is far too long"
+        )
     return b"".join((_PREFIX, len(header).to_bytes(2, "big"), header, body))
 
 
@@ -117,7 +127,10 @@ def decode_frame(data: bytes, subject: str = "") -> tuple[Envelope, memoryview]:
         raise MalformedMessage(subject, "not a mesh frame")
     if data[1] != VERSION:
         raise MalformedMessage(subject, f"unsupported frame version {data[1]}")
-    end = _HEADER_START + int.from_bytes(data[2:4], "big")
+    header_length = int.from_bytes(data[2:4], "big")
+    if header_length > MAX_HEADER_SIZE:
+        raise MalformedMessage(subject, f"header of {header_length} bytes is over the limit")
+    end = _HEADER_START + header_length
     if end > len(data):
         raise MalformedMessage(subject, "truncated header")
     view = memoryview(data)

@@ -21,7 +21,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
-from mesh import MeshClient
+from mesh import MeshClient, MeshError
 
 if TYPE_CHECKING:
     from nodes._node import Node
@@ -64,7 +64,20 @@ async def open_registry(client: MeshClient, *, create: bool = True) -> KeyValue 
 
 
 async def list_nodes(client: MeshClient) -> list[NodeInfo]:
-    """Every live instance, sorted by name then start time."""
+    """Every live instance, sorted by name then start time.
+
+    Raises :class:`MeshError` when the registry cannot be read (JetStream off or down).
+    """
+    try:
+        return await _list_nodes(client)
+    except (nats.errors.Error, TimeoutError) as exc:
+        raise MeshError(
+            f"cannot read the node registry ({BUCKET}): {type(exc).__name__}. Registrations "
+            "live in JetStream: is it enabled on the server? (`mesh server` enables it)"
+        ) from None
+
+
+async def _list_nodes(client: MeshClient) -> list[NodeInfo]:
     kv = await open_registry(client, create=False)
     if kv is None:
         return []

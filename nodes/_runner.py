@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import inspect
 import logging
 import signal
 import sys
@@ -38,12 +39,29 @@ def load_node(spec: str) -> Node:
         except AttributeError:
             raise AppNotFound(spec, f"module {module_name!r} has no attribute {attr!r}") from None
     if callable(target) and not isinstance(target, Node):
+        # Only a factory taking no arguments is called: calling a class or a function
+        # that needs arguments would end in a TypeError traceback, not a usable error.
+        if isinstance(target, type) or not _takes_no_arguments(target):
+            what = "a class" if isinstance(target, type) else "a callable that needs arguments"
+            raise AppNotFound(
+                spec,
+                f"{attr!r} is {what}, not a nodes.Node "
+                "(or a function taking no arguments that returns one)",
+            )
         target = target()
     if not isinstance(target, Node):
         raise AppNotFound(spec, f"{attr!r} is a {type(target).__name__}, not a nodes.Node")
     if not target.handlers:
         raise AppNotFound(spec, f"node {target.name!r} has no handlers")
     return target
+
+
+def _takes_no_arguments(func: Callable[..., object]) -> bool:
+    try:
+        inspect.signature(func).bind()
+    except (TypeError, ValueError):  # needs arguments, or has no inspectable signature
+        return False
+    return True
 
 
 async def serve(

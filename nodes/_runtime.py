@@ -30,6 +30,8 @@ from nodes._registry import Registration
 log = logging.getLogger("mesh.node")
 
 _NS: Final = 1_000_000_000
+#: How long shutdown waits for queued messages to be refused after drain_timeout.
+_REFUSE_TIMEOUT: Final = 2.0
 
 
 class NodeRuntime:
@@ -47,6 +49,7 @@ class NodeRuntime:
         self._micro = MicroResponder(node, self.instance, client, self.started)
         self._registration: Registration | None = None
         self._closed = False
+        self._refusing = False  # set when draining ran out of time
 
     @property
     def inflight(self) -> int:
@@ -77,7 +80,7 @@ class NodeRuntime:
                     self.client, self.node, self.instance, self.started
                 )
                 await self._registration.start()
-            await self.client.nc.flush(timeout=5)
+            await self.client.flush()  # every subscription is live before start returns
         except BaseException:
             await self.aclose()
             raise
@@ -89,7 +92,20 @@ class NodeRuntime:
         self._closed = True
         deadline = time.monotonic() + self.node.drain_timeout
         try:
-            await asyncio.gather(*(sub.drain() for sub in self._subs))
+            drained = asyncio.ensure_future(asyncio.gather(*(sub.drain() for sub in self._subs)))
+            await asyncio.wait({drained}, timeout=self.node.drain_timeout)
+            if not drained.done():
+                # Out of time with messages still queued behind busy handlers: refuse the
+                # queued ones and cancel the running ones, so every requester hears back.
+                self._refusing = True
+                log.warning("drain timed out: cancelling %d handlers", len(self._inflight))
+                for task in set(self._inflight):
+                    task.cancel()
+                await asyncio.wait({drained}, timeout=_REFUSE_TIMEOUT)
+            if drained.done():
+                drained.result()  # re-raise what a drain raised
+            else:
+                drained.cancel()
             if self._inflight:
                 remaining = max(0.1, deadline - time.monotonic())
                 _, pending = await asyncio.wait(set(self._inflight), timeout=remaining)
@@ -103,7 +119,7 @@ class NodeRuntime:
             if self._registration is not None:
                 await self._registration.aclose()
             try:
-                await self.client.nc.flush(timeout=2)
+                await self.client.flush(timeout=2)
             except Exception as exc:  # a dead connection cannot be flushed; nothing to keep
                 log.debug("flush on close: %s", exc)
 
@@ -114,6 +130,12 @@ class NodeRuntime:
 
         async def dispatch(msg: Message) -> None:
             await sem.acquire()
+            if self._refusing:
+                sem.release()
+                await self._reply_failure(
+                    msg, "Cancelled", "the node shut down before handling the message"
+                )
+                return
             task = asyncio.get_running_loop().create_task(run(handler, msg))
             inflight.add(task)
             task.add_done_callback(inflight.discard)
@@ -148,7 +170,10 @@ class NodeRuntime:
         try:
             stats.requests += 1
             if timeout <= 0:
+                # An error reply like any other: NATS micro's num_errors counts it.
                 stats.timeouts += 1
+                stats.errors += 1
+                stats.last_error = "DeadlineExceeded: the deadline passed before handling"
                 await client.respond_error(
                     msg, "DeadlineExceeded", "the request's deadline passed before it was handled"
                 )
