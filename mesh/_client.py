@@ -129,7 +129,7 @@ Callback = Callable[[Message], Awaitable[None]]
 class Subscription:
     """A live subscription; counts what it received and what it had to drop."""
 
-    __slots__ = ("_sub", "dropped", "queue", "received", "subject")
+    __slots__ = ("_on_close", "_sub", "dropped", "queue", "received", "subject")
 
     def __init__(self, subject: str, queue: str) -> None:
         self.subject = subject
@@ -137,6 +137,7 @@ class Subscription:
         self.received = 0
         self.dropped = 0
         self._sub: NatsSubscription | None = None
+        self._on_close: Callable[[Subscription, int], None] | None = None
 
     @property
     def pending(self) -> int:
@@ -151,6 +152,7 @@ class Subscription:
                 await sub.unsubscribe()
             except nats.errors.Error as exc:
                 log.debug("unsubscribe %s: %s", self.subject, exc)
+            self._closed(sub)
 
     async def drain(self) -> None:
         """Stop intake, then wait until every pending message has been handled."""
@@ -160,6 +162,11 @@ class Subscription:
                 await sub.drain()  # type: ignore[no-untyped-call]
             except nats.errors.Error as exc:
                 log.debug("drain %s: %s", self.subject, exc)
+            self._closed(sub)
+
+    def _closed(self, sub: NatsSubscription) -> None:
+        if self._on_close is not None:
+            self._on_close(self, sub._id)
 
 
 class MeshClient:
@@ -173,6 +180,9 @@ class MeshClient:
         self.tracing = tracing
         self._nuid = NUID()
         self._subs: dict[int, Subscription] = {}
+        # Counts of subscriptions already closed, so stats stay totals.
+        self._closed_received = 0
+        self._closed_dropped = 0
         self._published = 0
         self._published_bytes = 0
         self._malformed = 0
@@ -307,12 +317,17 @@ class MeshClient:
         return ClientStats(
             published=self._published,
             published_bytes=self._published_bytes,
-            received=sum(s.received for s in self._subs.values()),
-            dropped=sum(s.dropped for s in self._subs.values()),
+            received=self._closed_received + sum(s.received for s in self._subs.values()),
+            dropped=self._closed_dropped + sum(s.dropped for s in self._subs.values()),
             malformed=self._malformed,
             disconnects=self._disconnects,
             reconnects=self._reconnects,
         )
+
+    def _forget(self, sub: Subscription, sid: int) -> None:
+        if self._subs.pop(sid, None) is not None:
+            self._closed_received += sub.received
+            self._closed_dropped += sub.dropped
 
     def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
@@ -565,7 +580,7 @@ class MeshClient:
                     current_trace.reset(token)
                 return
             span = tracing.start_inbound(
-                "process", SpanKind.CONSUMER, m.subject, field, _span_attributes(msg)
+                "process", SpanKind.CONSUMER, m.subject, field, lambda: span_attributes(msg)
             )
             if span is None:
                 token = current_trace.set(field)
@@ -594,6 +609,7 @@ class MeshClient:
         )
         sub._sub = nsub
         self._subs[nsub._id] = sub
+        sub._on_close = self._forget
         return sub
 
     async def _on_malformed(self, m: Msg, exc: MalformedMessage) -> None:
@@ -607,11 +623,14 @@ class MeshClient:
                 )
 
 
-def _span_attributes(msg: Message) -> dict[str, Any]:
+def span_attributes(msg: Message, queue: str = "") -> dict[str, Any]:
+    """The messaging attributes of a span about a received message."""
     attributes: dict[str, Any] = {"messaging.message.body.size": len(msg.body)}
     if msg.envelope is not None:
         attributes["messaging.message.id"] = msg.envelope.id
         attributes["messaging.client.id"] = msg.envelope.sender
+    if queue:
+        attributes["messaging.consumer.group.name"] = queue
     return attributes
 
 
@@ -628,7 +647,10 @@ def _read_reply(subject: str, reply: Msg, type_: Any) -> Any:
         return decode_payload(body, envelope.content_type, type_, subject)
     headers = reply.headers
     if headers and _ERROR_HEADER in headers:
-        raise RemoteError(subject, headers.get(_ERROR_CODE_HEADER, "error"), headers[_ERROR_HEADER])
+        # A NATS micro service error: the header holds the message, the code a status.
+        code = headers.get(_ERROR_CODE_HEADER, "")
+        error_type = f"ServiceError {code}".strip()
+        raise RemoteError(subject, error_type, headers[_ERROR_HEADER])
     if type_ is Any:
         try:
             return decode_payload(data, ContentType.JSON, Any, subject)

@@ -20,7 +20,7 @@ import contextvars
 import logging
 import os
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 from opentelemetry import context as otel_context
@@ -128,11 +128,17 @@ class Tracing:
     # -- inbound: a message arrived ----------------------------------------------------
 
     def start_inbound(
-        self, name: str, kind: SpanKind, subject: str, field: str, attributes: dict[str, Any]
+        self,
+        name: str,
+        kind: SpanKind,
+        subject: str,
+        field: str,
+        attributes: Callable[[], dict[str, Any]],
     ) -> Span | None:
         """Start a CONSUMER or SERVER span for a received message, or ``None``.
 
-        ``attributes`` is updated with the messaging attributes and handed to the span.
+        ``attributes`` is called only when a span is started: an unsampled message
+        does not pay for building them.
         """
         if field == TRACE_UNSAMPLED:
             return None
@@ -144,21 +150,22 @@ class Tracing:
             parent = parse_traceparent(field)
             if parent is None:
                 return None
-            attributes.update(_SYSTEM)
-            attributes["messaging.operation.name"] = name
-            attributes["messaging.destination.name"] = subject
+            extra = attributes()
+            extra.update(_SYSTEM)
+            extra["messaging.operation.name"] = name
+            extra["messaging.destination.name"] = subject
             span = self._tracer.start_span(
                 f"{name} {subject}",
                 context=trace.set_span_in_context(NonRecordingSpan(parent)),
                 kind=kind,
-                attributes=attributes,
+                attributes=extra,
             )
         else:
             ratio = self.sample_ratio
             if ratio < 1.0 and (ratio <= 0.0 or _random() >= ratio):
                 return None
             root = _root_attributes(name, subject)
-            root.update(attributes)
+            root.update(attributes())
             span = self._tracer.start_span(f"{name} {subject}", kind=kind, attributes=root)
         if not span.is_recording():
             return None

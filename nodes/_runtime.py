@@ -19,7 +19,7 @@ from typing import Any, Final
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh import MeshClient
-from mesh._client import Message, Subscription, current_deadline
+from mesh._client import Message, Subscription, current_deadline, span_attributes
 from mesh._errors import MalformedMessage, MeshError
 from mesh._tracing import activate, current_trace, deactivate
 from mesh._wire import TRACE_NONE
@@ -157,7 +157,7 @@ class NodeRuntime:
                 SpanKind.SERVER if msg.reply else SpanKind.CONSUMER,
                 msg.subject,
                 field,
-                {"messaging.consumer.group.name": handler.queue} if handler.queue else {},
+                lambda: span_attributes(msg, handler.queue),
             )
         if span is not None:
             tokens = activate(span)

@@ -487,6 +487,51 @@ def test_mesh_request_answered_by_a_plain_responder(nats_url: str) -> None:
     arun(main())
 
 
+def test_micro_service_error_from_a_plain_responder(nats_url: str) -> None:
+    async def main() -> None:
+        nc = await nats.connect(nats_url)
+        try:
+
+            async def respond(msg: Any) -> None:
+                await nc.publish(
+                    msg.reply,
+                    b"",
+                    headers={
+                        "Nats-Service-Error": "quota exceeded",
+                        "Nats-Service-Error-Code": "429",
+                    },
+                )
+
+            await nc.subscribe("micro.fails", cb=respond)
+            await nc.flush()
+            await nc.flush()
+            async with await MeshClient.connect(nats_url, name="asker") as client:
+                with pytest.raises(RemoteError) as info:
+                    await client.request("micro.fails", {})
+                assert info.value.error_type == "ServiceError 429"
+                assert info.value.error_message == "quota exceeded"
+        finally:
+            await nc.close()
+
+    arun(main())
+
+
+def test_closed_subscriptions_are_forgotten_but_counted(nats_url: str) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="churn") as client:
+            inbox = Inbox()
+            for i in range(50):
+                sub = await client.subscribe(f"churn.{i}", inbox)
+                await client.flush()
+                await client.publish(f"churn.{i}", {"i": i})
+                await inbox.wait(i + 1)
+                await (sub.drain() if i % 2 else sub.unsubscribe())
+            assert client._subs == {}  # memory does not grow with subscription churn
+            assert client.stats().received == 50
+
+    arun(main())
+
+
 # ------------------------------------------------------------------ slow consumers and garbage
 
 

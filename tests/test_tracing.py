@@ -216,6 +216,9 @@ def test_one_task_is_one_trace_across_three_processes(
         assert span.scope == "natsmesh"
     assert plan.attributes["messaging.consumer.group.name"] == "planner"
     assert work.attributes["messaging.consumer.group.name"] == "worker"
+    for handled in (plan, work):
+        assert handled.attributes["messaging.message.id"]  # the envelope id of the request
+        assert handled.attributes["messaging.message.body.size"] > 0
 
 
 @pytest.mark.slow
@@ -540,7 +543,7 @@ def test_outbound_starts_a_trace_and_inbound_continues_it() -> None:
     assert field == traceparent(span.get_span_context())
     span.end()
     attributes: dict[str, Any] = {"messaging.client.id": "x"}
-    server = tracing.start_inbound("process", SpanKind.SERVER, "a.b", field, attributes)
+    server = tracing.start_inbound("process", SpanKind.SERVER, "a.b", field, lambda: attributes)
     assert server is not None
     tokens = activate(server)
     try:
@@ -593,7 +596,7 @@ def test_outbound_follows_the_trace_field_without_a_current_span() -> None:
 )
 def test_an_unsampled_chain_makes_no_spans(field: str) -> None:
     tracing, exported = _tracing()
-    assert tracing.start_inbound("process", SpanKind.SERVER, "a.b", field, {}) is None
+    assert tracing.start_inbound("process", SpanKind.SERVER, "a.b", field, dict) is None
     token = current_trace.set(field)
     try:
         assert tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b") == (
@@ -608,9 +611,9 @@ def test_an_unsampled_chain_makes_no_spans(field: str) -> None:
 def test_ratio_zero_starts_no_trace() -> None:
     tracing, exported = _tracing(0.0)
     assert tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b") == (None, TRACE_UNSAMPLED)
-    assert tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", {}) is None
+    assert tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", dict) is None
     # A sampled upstream context is still followed.
-    span = tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", TP, {})
+    span = tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", TP, dict)
     assert span is not None
     span.end()
     assert len(exported.get_finished_spans()) == 1
@@ -620,14 +623,14 @@ def test_new_traces_are_drawn_once(monkeypatch: pytest.MonkeyPatch) -> None:
     tracing, exported = _tracing(0.5)
     monkeypatch.setattr(tracing_module, "_random", lambda: 0.75)
     assert tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b") == (None, TRACE_UNSAMPLED)
-    assert tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", {}) is None
+    assert tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", dict) is None
     # Drawn in: kept whatever the trace id (the provider's sampler does not draw again).
     monkeypatch.setattr(tracing_module, "_random", lambda: 0.25)
     for _ in range(100):
         span, _ = tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b")
         assert span is not None
         span.end()
-        inbound = tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", {})
+        inbound = tracing.start_inbound("process", SpanKind.CONSUMER, "a.b", "", dict)
         assert inbound is not None
         inbound.end()
     assert len(exported.get_finished_spans()) == 200
