@@ -289,7 +289,7 @@ def publish(
                         await client.publish(subject, body)
                         if i % step == 0:
                             progress.update(task, completed=i)
-            await client.nc.flush(timeout=10)
+            await client.flush(timeout=10)
             return time.perf_counter() - started
 
     try:
@@ -322,6 +322,8 @@ def sub(
 
         async def show(msg: Message) -> None:
             nonlocal seen
+            if count and seen >= count:
+                return  # closing drains what is still queued: show no more than asked
             try:
                 value: Any = msg.decode()
             except MeshError:
@@ -352,6 +354,7 @@ def sub(
 
         async with await MeshClient.connect(nats, name="mesh-cli") as client:
             await client.subscribe(pattern, show)
+            await client.flush()  # the server has the interest: nothing is missed
             typer.secho(f"listening on {pattern} — Ctrl-C to stop", err=True)
             await done.wait()
 
@@ -409,6 +412,12 @@ def _uptime(seconds: float) -> str:
 
 
 # -- commands defined in their own modules register here ---------------------------
+from mesh import _up  # noqa: E402
+
+_up.register(app)
+from mesh import _bench  # noqa: E402
+
+_bench.register(app)
 
 
 def main() -> None:

@@ -1,0 +1,664 @@
+"""`mesh bench`: the mesh against raw nats-py, in one run against one server.
+
+- pub→sub at 128 B, 1 KiB and 16 KiB: a subscriber process counts what it
+  receives while this process publishes as fast as it can; the rate is the
+  messages received over the time from the first to the last one.
+- request/reply at 256 B against an echo responder process: percentiles of
+  sequential requests, then requests per second with 64 in flight.
+
+Both sides use the same server and the same connection and subscription bounds,
+so the difference is the mesh's own code. Rounds alternate which side goes first
+and the best round of each side is reported, because this machine is shared.
+CPU time per message is reported too: unlike rates, it hardly depends on what
+else the machine is doing. Workers are :mod:`mesh._bench_worker` processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Annotated, Any, Final
+
+import typer
+
+if TYPE_CHECKING:
+    from nats.aio.client import Client as Nats
+
+    from mesh._client import MeshClient
+
+SIZES: Final = (128, 1024, 16 * 1024)
+REQUEST_SIZE: Final = 256
+INFLIGHT: Final = 64
+IMPLS: Final = ("raw", "mesh")
+#: (id, what, comparison, limit) for the mesh/raw ratios, on the reference 2-core machine
+#: with tracing on and unsampled.
+TARGETS: Final = (
+    ("pubsub_1024", "pub→sub 1 KiB msg/s", ">=", 0.6),
+    ("reqrep_p50", "request/reply p50", "<=", 1.25),
+    ("reqrep_p99", "request/reply p99", "<=", 1.5),
+)
+REPORT_TIMEOUT: Final = 90.0  # a subscriber working through its backlog
+END_TIMEOUT: Final = 30.0  # the server routing what the publisher had buffered
+REQUEST_TIMEOUT: Final = 5.0
+PUBLISH_BATCH: Final = 256  # publishes between two looks at the clock
+LATENCY_BLOCK: Final = 100  # sequential requests to one side before switching to the other
+#: A subscriber receiving slower than this fraction of the publish rate fell behind:
+#: it, not the publisher, set the pace.
+LAGGING: Final = 0.95
+
+
+class TracingMode(enum.StrEnum):
+    unsampled = "unsampled"
+    off = "off"
+    sampled = "sampled"
+
+
+@dataclass(frozen=True)
+class Settings:
+    seconds: float
+    rounds: int
+    requests: int
+    warmup: int
+    tracing: str
+    run_id: str
+
+    @property
+    def worker_lifetime(self) -> float:
+        """A bound on a worker's life, far above what a case needs."""
+        return self.seconds * 4 + 300
+
+
+# ------------------------------------------------------------------- results
+
+
+@dataclass
+class PubSub:
+    """One pub→sub measurement of one side at one size."""
+
+    impl: str
+    size: int
+    published: int
+    pub_seconds: float
+    pub_cpu_s: float
+    received: int
+    sub_seconds: float
+    sub_cpu_s: float
+    dropped: int
+    disconnects: int
+    spans: int
+
+    @property
+    def msgs_s(self) -> float:
+        return (self.received - 1) / self.sub_seconds if self.sub_seconds > 0 else 0.0
+
+    @property
+    def pub_msgs_s(self) -> float:
+        return self.published / self.pub_seconds if self.pub_seconds > 0 else 0.0
+
+    @property
+    def pub_cpu_us(self) -> float:
+        return self.pub_cpu_s / self.published * 1e6 if self.published else 0.0
+
+    @property
+    def sub_cpu_us(self) -> float:
+        return self.sub_cpu_s / self.received * 1e6 if self.received else 0.0
+
+    @property
+    def sub_busy(self) -> float:
+        """The subscriber's CPU time over its receiving time (1.0: a whole core)."""
+        return self.sub_cpu_s / self.sub_seconds if self.sub_seconds > 0 else 0.0
+
+    @property
+    def bound(self) -> str:
+        """``sub`` when the subscriber fell behind the publisher (or dropped), else ``pub``."""
+        return "sub" if self.dropped or self.msgs_s < LAGGING * self.pub_msgs_s else "pub"
+
+    def record(self) -> dict[str, Any]:
+        derived = ("msgs_s", "pub_msgs_s", "pub_cpu_us", "sub_cpu_us", "sub_busy", "bound")
+        return {**asdict(self), **{name: getattr(self, name) for name in derived}}
+
+
+@dataclass
+class ReqRep:
+    """One request/reply measurement of one side."""
+
+    impl: str
+    p50_us: float
+    p90_us: float
+    p99_us: float
+    max_us: float
+    sequential: int
+    inflight64_req_s: float
+    inflight_requests: int
+    errors: int
+    requester_cpu_us: float  # CPU per request over the whole case, each process
+    responder_cpu_us: float
+
+    def record(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def percentile(sorted_values: list[int], q: float) -> float:
+    """The nearest-rank percentile ``q`` (0..1) of a sorted, non-empty list."""
+    index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
+    return float(sorted_values[index])
+
+
+# --------------------------------------------------------------------- cases
+
+
+@dataclass
+class Sides:
+    """The two clients this process measures with, connected to the same server."""
+
+    url: str
+    raw: Nats
+    mesh: MeshClient
+    stop: asyncio.Event  # set by Ctrl-C
+
+    def check(self) -> None:
+        """Raise the cancellation Ctrl-C asked for.
+
+        Called between batches: nats-py swallows a cancellation that lands in a
+        flush (``Client._flush_pending``), which is where a publisher spends its waits.
+        """
+        if self.stop.is_set():
+            raise asyncio.CancelledError
+
+    def publish(self, impl: str) -> Callable[[str, bytes], Awaitable[None]]:
+        return self.raw.publish if impl == "raw" else self.mesh.publish
+
+    def request(self, impl: str, subject: str, payload: bytes) -> Callable[[], Awaitable[Any]]:
+        raw, mesh = self.raw, self.mesh
+
+        def raw_request() -> Awaitable[Any]:
+            return raw.request(subject, payload, timeout=REQUEST_TIMEOUT)
+
+        def mesh_request() -> Awaitable[Any]:
+            return mesh.request(subject, payload, timeout=REQUEST_TIMEOUT)
+
+        return raw_request if impl == "raw" else mesh_request
+
+    def nc(self, impl: str) -> Nats:
+        return self.raw if impl == "raw" else self.mesh.nc
+
+
+async def pubsub_case(sides: Sides, impl: str, size: int, settings: Settings) -> PubSub:
+    from mesh._bench_worker import WorkerProcess, end_subject
+
+    subject = f"bench.{settings.run_id}.pubsub.{impl}.{size}"
+    payload = os.urandom(size)
+    publish = sides.publish(impl)
+    nc = sides.nc(impl)
+    async with WorkerProcess(
+        "sub", impl, sides.url, subject, tracing=settings.tracing, lifetime=settings.worker_lifetime
+    ) as worker:
+        # Our own copy of the end marker says the server has routed every message before
+        # it (nc.flush() does not: nats-py sends its PING ahead of buffered publishes).
+        echo = await nc.subscribe(end_subject(subject))
+        try:
+            published = 0
+            cpu = time.process_time()
+            started = time.perf_counter()
+            deadline = started + settings.seconds
+            while True:
+                for _ in range(PUBLISH_BATCH):
+                    await publish(subject, payload)
+                published += PUBLISH_BATCH
+                sides.check()
+                if time.perf_counter() >= deadline:
+                    break
+            await nc.publish(end_subject(subject), b"")
+            await echo.next_msg(timeout=END_TIMEOUT)
+            pub_seconds = time.perf_counter() - started
+            pub_cpu = time.process_time() - cpu
+        finally:
+            await echo.unsubscribe()
+        report = await worker.finish(REPORT_TIMEOUT)
+    return PubSub(
+        impl=impl,
+        size=size,
+        published=published,
+        pub_seconds=pub_seconds,
+        pub_cpu_s=pub_cpu,
+        received=int(report["received"]),
+        sub_seconds=float(report["seconds"]),
+        sub_cpu_s=float(report["cpu_s"]),
+        dropped=int(report["dropped"]),
+        disconnects=int(report["disconnects"]),
+        spans=int(report["spans"]),
+    )
+
+
+async def reqrep_round(sides: Sides, order: tuple[str, ...], settings: Settings) -> list[ReqRep]:
+    """Both responders up at once; sequential requests alternate between the sides in
+    blocks, so both meet the same noise from the rest of the machine; then each side
+    in turn keeps 64 requests in flight."""
+    from mesh._bench_worker import BenchFailed, WorkerProcess
+
+    payload = os.urandom(REQUEST_SIZE)
+    request: dict[str, Callable[[], Awaitable[Any]]] = {}
+    workers: dict[str, WorkerProcess] = {}
+    latencies: dict[str, list[int]] = {impl: [] for impl in order}
+    cpu = dict.fromkeys(order, 0.0)
+    throughput: dict[str, tuple[int, int, float]] = {}
+    async with contextlib.AsyncExitStack() as stack:
+        for impl in order:
+            subject = f"bench.{settings.run_id}.reqrep.{impl}"
+            workers[impl] = await stack.enter_async_context(
+                WorkerProcess(
+                    "echo",
+                    impl,
+                    sides.url,
+                    subject,
+                    tracing=settings.tracing,
+                    lifetime=settings.worker_lifetime,
+                )
+            )
+            request[impl] = sides.request(impl, subject, payload)
+            reply = await request[impl]()
+            if (reply.data if impl == "raw" else reply) != payload:
+                raise BenchFailed(f"the {impl} responder did not echo the request")
+            for _ in range(settings.warmup):
+                await request[impl]()
+        clock = time.perf_counter_ns
+        for block in range(0, settings.requests, LATENCY_BLOCK):
+            count = min(LATENCY_BLOCK, settings.requests - block)
+            for impl in order if block // LATENCY_BLOCK % 2 == 0 else order[::-1]:
+                sides.check()
+                send, samples = request[impl], latencies[impl]
+                started_cpu = time.process_time()
+                for _ in range(count):
+                    started = clock()
+                    await send()
+                    samples.append(clock() - started)
+                cpu[impl] += time.process_time() - started_cpu
+        for impl in order:
+            started_cpu = time.process_time()
+            throughput[impl] = await inflight(request[impl], settings.seconds)
+            cpu[impl] += time.process_time() - started_cpu
+        reports = {impl: await workers[impl].finish(REPORT_TIMEOUT) for impl in order}
+    results = []
+    for impl in order:
+        samples = sorted(latencies[impl])
+        completed, errors, seconds = throughput[impl]
+        handled = int(reports[impl]["handled"])
+        results.append(
+            ReqRep(
+                impl=impl,
+                p50_us=percentile(samples, 0.50) / 1000,
+                p90_us=percentile(samples, 0.90) / 1000,
+                p99_us=percentile(samples, 0.99) / 1000,
+                max_us=samples[-1] / 1000,
+                sequential=len(samples),
+                inflight64_req_s=completed / seconds if seconds > 0 else 0.0,
+                inflight_requests=completed,
+                errors=errors,
+                requester_cpu_us=cpu[impl] / max(1, len(samples) + completed + errors) * 1e6,
+                responder_cpu_us=float(reports[impl]["cpu_s"]) / max(1, handled) * 1e6,
+            )
+        )
+    return results
+
+
+async def inflight(request: Callable[[], Awaitable[Any]], seconds: float) -> tuple[int, int, float]:
+    """Keep ``INFLIGHT`` requests outstanding for ``seconds``: (completed, timed out, elapsed)."""
+    counts = [0, 0]
+    started = time.perf_counter()
+    deadline = started + seconds
+
+    async def requester() -> None:
+        while time.perf_counter() < deadline:
+            try:
+                await request()
+            except TimeoutError:  # nats-py's and the mesh's timeouts both subclass it
+                counts[1] += 1
+            else:
+                counts[0] += 1
+
+    async with asyncio.TaskGroup() as group:
+        for _ in range(INFLIGHT):
+            group.create_task(requester())
+    return counts[0], counts[1], time.perf_counter() - started
+
+
+# ------------------------------------------------------------------- the run
+
+
+def progress(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+async def measure(url: str, settings: Settings) -> dict[str, Any]:
+    """Run every case for both sides, ``settings.rounds`` times; return the report."""
+    import nats
+    import nats.errors
+
+    from mesh._bench_worker import RAW_OPTIONS, make_tracing
+    from mesh._client import MeshClient
+    from mesh._errors import ConnectionFailed
+
+    tracing, exporter = make_tracing(settings.tracing, "bench")
+    mesh = await MeshClient.connect(url, name="bench-mesh", tracing=tracing)
+    try:
+        raw = await nats.connect(url.split(","), name="bench-raw", **RAW_OPTIONS)
+    except (OSError, TimeoutError, nats.errors.Error) as exc:
+        await mesh.aclose()
+        raise ConnectionFailed(url, str(exc) or type(exc).__name__) from None
+    sides = Sides(url, raw, mesh, asyncio.Event())
+    main_task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+
+    def interrupt() -> None:
+        if sides.stop.is_set():
+            raise KeyboardInterrupt  # pressed again: leave now (workers still end on EOF)
+        sides.stop.set()
+        if main_task is not None:
+            main_task.cancel()
+
+    loop.add_signal_handler(signal.SIGINT, interrupt)
+    environment = describe_environment(raw, url, settings)
+    pubsub: list[PubSub] = []
+    reqrep: list[ReqRep] = []
+    try:
+        for index in range(settings.rounds):
+            order = IMPLS if index % 2 == 0 else IMPLS[::-1]
+            tag = f"round {index + 1}/{settings.rounds}"
+            pad = " " * len(tag)
+            for size in SIZES:
+                for impl in order:
+                    progress(f"{tag}  pub→sub {human_size(size):>6}  {impl} …")
+                    ps = await pubsub_case(sides, impl, size, settings)
+                    pubsub.append(ps)
+                    progress(
+                        f"{pad}  {ps.msgs_s:,.0f} msg/s received, published {ps.pub_msgs_s:,.0f}/s,"
+                        f" dropped {ps.dropped}; CPU µs/msg pub {ps.pub_cpu_us:.2f}"
+                        f" sub {ps.sub_cpu_us:.2f}; {ps.bound}-bound"
+                    )
+            progress(f"{tag}  request/reply {human_size(REQUEST_SIZE)}  {' and '.join(order)} …")
+            for rr in await reqrep_round(sides, order, settings):
+                reqrep.append(rr)
+                progress(
+                    f"{pad}  {rr.impl}: p50 {rr.p50_us:,.0f} µs  p90 {rr.p90_us:,.0f} µs"
+                    f"  p99 {rr.p99_us:,.0f} µs; {rr.inflight64_req_s:,.0f} req/s with"
+                    f" {INFLIGHT} in flight ({rr.errors} timed out); CPU µs/request"
+                    f" requester {rr.requester_cpu_us:.1f} responder {rr.responder_cpu_us:.1f}"
+                )
+    except asyncio.CancelledError:
+        if not sides.stop.is_set():
+            raise
+        # Closing after Ctrl-C, nats-py may log an InvalidStateError for the PONG of a
+        # flush it abandoned (its own bug, harmless); keep it off the terminal.
+        logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
+        raise KeyboardInterrupt from None
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+        await raw.close()
+        await mesh.aclose()
+        if tracing is not None:
+            tracing.shutdown()
+    if exporter is not None:
+        environment["spans_exported_by_bench"] = exporter.spans
+    return summarize(pubsub, reqrep, environment)
+
+
+def describe_environment(raw: Nats, url: str, settings: Settings) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def package(name: str) -> str:
+        try:
+            return version(name)
+        except PackageNotFoundError:
+            return "?"
+
+    server = raw.connected_server_version
+    return {
+        "python": platform.python_version(),
+        "implementation": platform.python_implementation(),
+        "nats_py": package("nats-py"),
+        "msgspec": package("msgspec"),
+        "opentelemetry_sdk": package("opentelemetry-sdk"),
+        "nats_server": f"{server.major}.{server.minor}.{server.patch}",
+        "nats_url": url,
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "tracing": settings.tracing,
+        "rounds": settings.rounds,
+        "seconds": settings.seconds,
+        "sequential_requests": settings.requests,
+        "run_id": settings.run_id,
+    }
+
+
+def summarize(
+    pubsub: list[PubSub], reqrep: list[ReqRep], environment: dict[str, Any]
+) -> dict[str, Any]:
+    """The best round of each side, the ratios and the targets, as one JSON-able object."""
+    out: dict[str, Any] = {"pubsub": {}, "reqrep": {}}
+    for size in SIZES:
+        row: dict[str, Any] = {}
+        for impl in IMPLS:
+            best = max((r for r in pubsub if r.impl == impl and r.size == size), key=_msgs_s)
+            for key, value in best.record().items():
+                if key not in ("impl", "size"):
+                    row[f"{impl}_{key}"] = value
+        row["ratio"] = ratio(row["mesh_msgs_s"], row["raw_msgs_s"])
+        out["pubsub"][str(size)] = row
+    for impl in IMPLS:
+        mine = [r for r in reqrep if r.impl == impl]
+        out["reqrep"][impl] = {
+            "p50_us": min(r.p50_us for r in mine),
+            "p90_us": min(r.p90_us for r in mine),
+            "p99_us": min(r.p99_us for r in mine),
+            "inflight64_req_s": max(r.inflight64_req_s for r in mine),
+            "requester_cpu_us": min(r.requester_cpu_us for r in mine),
+            "responder_cpu_us": min(r.responder_cpu_us for r in mine),
+            "sequential_requests": mine[0].sequential,
+            "errors": sum(r.errors for r in mine),
+        }
+    mesh_rr, raw_rr = out["reqrep"]["mesh"], out["reqrep"]["raw"]
+    out["reqrep"]["ratios"] = {
+        key: ratio(mesh_rr[key], raw_rr[key])
+        for key in ("p50_us", "p90_us", "p99_us", "inflight64_req_s")
+    }
+    values = {
+        "pubsub_1024": out["pubsub"]["1024"]["ratio"],
+        "reqrep_p50": out["reqrep"]["ratios"]["p50_us"],
+        "reqrep_p99": out["reqrep"]["ratios"]["p99_us"],
+    }
+    out["targets"] = [
+        {
+            "id": key,
+            "case": f"{what} mesh/raw",
+            "value": values[key],
+            "target": f"{op} {limit:g}",
+            "pass": values[key] >= limit if op == ">=" else values[key] <= limit,
+        }
+        for key, what, op, limit in TARGETS
+    ]
+    out["environment"] = environment
+    out["rounds"] = {
+        "pubsub": [r.record() for r in pubsub],
+        "reqrep": [r.record() for r in reqrep],
+    }
+    return out
+
+
+def _msgs_s(result: PubSub) -> float:
+    return result.msgs_s
+
+
+def ratio(mesh: float, raw: float) -> float:
+    return mesh / raw if raw > 0 else 0.0
+
+
+# ------------------------------------------------------------------ the table
+
+
+def human_size(size: int) -> str:
+    return f"{size // 1024} KiB" if size >= 1024 and size % 1024 == 0 else f"{size} B"
+
+
+def render(report: dict[str, Any]) -> str:
+    """The report as text: the comparison with targets, then the details behind it."""
+    env, marks = report["environment"], {t["id"]: t for t in report["targets"]}
+    rows: list[tuple[str, ...]] = []
+
+    def add(case: str, raw: float, mesh: float, key: str = "", digits: int = 0) -> None:
+        mark = marks.get(key)
+        limit = mark["target"].replace(">=", "≥").replace("<=", "≤") + "×" if mark else ""
+        verdict = ("pass" if mark["pass"] else "MISS") if mark else ""
+        cells = (f"{raw:,.{digits}f}", f"{mesh:,.{digits}f}", f"{ratio(mesh, raw):.2f}×")
+        rows.append((case, *cells, limit, verdict))
+
+    for size in SIZES:
+        row = report["pubsub"][str(size)]
+        name = f"pub→sub {human_size(size)} msg/s"
+        add(name, row["raw_msgs_s"], row["mesh_msgs_s"], f"pubsub_{size}")
+    for size in SIZES:
+        row = report["pubsub"][str(size)]
+        name = f"pub→sub {human_size(size)} CPU µs/msg pub+sub"
+        raw_cpu = row["raw_pub_cpu_us"] + row["raw_sub_cpu_us"]
+        add(name, raw_cpu, row["mesh_pub_cpu_us"] + row["mesh_sub_cpu_us"], digits=1)
+    raw_rr, mesh_rr = report["reqrep"]["raw"], report["reqrep"]["mesh"]
+    rr = f"req/rep {human_size(REQUEST_SIZE)}"
+    add(f"{rr} p50 µs", raw_rr["p50_us"], mesh_rr["p50_us"], "reqrep_p50")
+    add(f"{rr} p90 µs", raw_rr["p90_us"], mesh_rr["p90_us"])
+    add(f"{rr} p99 µs", raw_rr["p99_us"], mesh_rr["p99_us"], "reqrep_p99")
+    add(f"{rr} {INFLIGHT} in flight req/s", raw_rr["inflight64_req_s"], mesh_rr["inflight64_req_s"])
+    for side in ("requester", "responder"):
+        key = f"{side}_cpu_us"
+        add(f"{rr} {side} CPU µs/req", raw_rr[key], mesh_rr[key], digits=1)
+    details = [
+        (
+            f"{impl} {human_size(size)}",
+            f"{row[f'{impl}_published']:,}",
+            f"{row[f'{impl}_pub_msgs_s']:,.0f}",
+            f"{row[f'{impl}_received']:,}",
+            f"{row[f'{impl}_dropped']:,}",
+            f"{row[f'{impl}_pub_cpu_us']:.2f}",
+            f"{row[f'{impl}_sub_cpu_us']:.2f}",
+            f"{row[f'{impl}_sub_busy']:.0%}",
+            row[f"{impl}_bound"],
+        )
+        for size in SIZES
+        for impl in IMPLS
+        for row in (report["pubsub"][str(size)],)
+    ]
+    headers = "pub→sub, best round|published|pub msg/s|received|dropped|pub CPU µs|sub CPU µs"
+    headers += "|sub busy|bound"
+    load = ", ".join(f"{x:.2f}" for x in env["load_average"])
+    lines = [
+        f"mesh bench: tracing {env['tracing']}; best of {env['rounds']} round(s) of"
+        f" {env['seconds']:g} s per case; nats-server {env['nats_server']}, nats-py"
+        f" {env['nats_py']}, Python {env['python']}, {env['cpu_count']} CPUs"
+        f" (load average at start {load})",
+        "",
+        *table(("case", "raw", "mesh", "mesh/raw", "target", ""), rows, right=(1, 2, 3)),
+        "",
+        *table(tuple(headers.split("|")), details, right=(1, 2, 3, 4, 5, 6, 7)),
+    ]
+    errors = raw_rr["errors"] + mesh_rr["errors"]
+    if errors:
+        lines += ["", f"request/reply: {errors} request(s) timed out with {INFLIGHT} in flight"]
+    return "\n".join(lines)
+
+
+def table(
+    headers: tuple[str, ...], rows: Sequence[tuple[str, ...]], right: tuple[int, ...]
+) -> list[str]:
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+
+    def line(cells: tuple[str, ...]) -> str:
+        return "  ".join(
+            cell.rjust(width) if i in right else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    return [line(headers), *(line(r) for r in rows)]
+
+
+# --------------------------------------------------------------- the command
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``bench`` command to the ``mesh`` CLI."""
+    app.command()(bench)
+
+
+def bench(
+    nats: Annotated[
+        str,
+        typer.Option(
+            "--nats",
+            help="Measure against this NATS server (default: start an embedded one for the run).",
+        ),
+    ] = "",
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    quick: Annotated[
+        bool, typer.Option(help="Small counts for a smoke test (0.5 s per case, one round).")
+    ] = False,
+    seconds: Annotated[
+        float | None,
+        typer.Option(min=0.05, help="Seconds per throughput case (default 3; 0.5 with --quick)."),
+    ] = None,
+    rounds: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Rounds, alternating which side goes first (default 2; 1 with --quick)."
+        ),
+    ] = None,
+    tracing: Annotated[
+        TracingMode,
+        typer.Option(help="The mesh side's tracing: on but unsampled, off, or sampled."),
+    ] = TracingMode.unsampled,
+) -> None:
+    """Measure the mesh against raw nats-py: pub→sub msg/s and request/reply latency.
+
+    Pub→sub at 128 B, 1 KiB and 16 KiB, subscriber in its own process; request/reply
+    at 256 B against a responder process: p50/p90/p99 of sequential requests, and
+    req/s with 64 in flight. Prints mesh/raw ratios against the targets; exits 0 even
+    when one is missed, since it is a measurement. Progress goes to stderr.
+    """
+    from mesh._cli import EXIT_INTERRUPTED, fail, run
+    from mesh._errors import MeshError
+    from mesh._server import NatsServer
+
+    settings = Settings(
+        seconds=seconds if seconds is not None else (0.5 if quick else 3.0),
+        rounds=rounds if rounds is not None else (1 if quick else 2),
+        requests=500 if quick else 5000,
+        warmup=100 if quick else 500,
+        tracing=tracing.value,
+        run_id=os.urandom(6).hex(),
+    )
+    server: NatsServer | None = None
+    url = nats
+    try:
+        if not url:
+            server = NatsServer(port=0, jetstream=False, monitor_port=None)
+            server.start()
+            url = server.url
+            progress(f"embedded nats-server (pid {server.pid}) at {url}")
+        report = run(measure(url, settings))
+        if server is not None:
+            report["environment"]["embedded_server_pid"] = server.pid
+    except MeshError as exc:  # the embedded server did not start
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        if server is not None:
+            server.stop()
+    typer.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render(report))
