@@ -10,7 +10,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import itertools
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, overload
@@ -21,7 +23,6 @@ import nats.errors
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription as NatsSubscription
-from nats.nuid import NUID
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh._errors import (
@@ -39,6 +40,7 @@ from mesh._tracing import Tracing, activate, current_trace, deactivate
 from mesh._wire import (
     MAGIC,
     TRACE_NONE,
+    TRACE_UNSAMPLED,
     ContentType,
     Envelope,
     ErrorReply,
@@ -178,7 +180,10 @@ class MeshClient:
         self.nc = nc
         self.name = name
         self.tracing = tracing
-        self._nuid = NUID()
+        # Message ids: a random per-client prefix and a counter, 22 characters like a NUID
+        # at a tenth of its cost (nats-py's NUID is pure Python).
+        self._id_prefix = os.urandom(6).hex()
+        self._id_seq = itertools.count()
         self._subs: dict[int, Subscription] = {}
         # Counts of subscriptions already closed, so stats stay totals.
         self._closed_received = 0
@@ -310,8 +315,8 @@ class MeshClient:
         return int(self.nc.max_payload)
 
     def new_id(self) -> str:
-        """A new unique message id (a NUID)."""
-        return self._nuid.next().decode()
+        """A new message id, unique across clients (48 random bits + a counter)."""
+        return f"{self._id_prefix}{next(self._id_seq):010x}"
 
     def stats(self) -> ClientStats:
         return ClientStats(
@@ -352,15 +357,43 @@ class MeshClient:
 
         ``payload`` may be a msgspec Struct, JSON-able value, or bytes.
         """
+        # The hot path: one coroutine, no helper hops (each costs ~0.2 µs per message).
         validate_subject(subject)
-        body, ctype = encode_payload(payload, content_type)
+        if content_type is None and type(payload) is bytes:
+            body, ctype = payload, ContentType.BYTES
+        else:
+            body, ctype = encode_payload(payload, content_type)
         tracing = self.tracing
         if tracing is None:
-            await self._send(subject, "", Kind.EVENT, current_trace.get(), body, ctype, priority)
-            return
-        span, field = tracing.start_outbound("publish", SpanKind.PRODUCER, subject)
+            span = None
+            field = current_trace.get()
+        else:
+            span, field = tracing.start_outbound("publish", SpanKind.PRODUCER, subject)
         try:
-            await self._send(subject, "", Kind.EVENT, field, body, ctype, priority)
+            frame = encode_frame(
+                Envelope(
+                    id=f"{self._id_prefix}{next(self._id_seq):010x}",
+                    sender=self.name,
+                    created=time.time_ns(),
+                    deadline=current_deadline.get(),
+                    priority=priority,
+                    trace=field,
+                    content_type=ctype,
+                ),
+                body,
+            )
+            size = len(frame)
+            nc = self.nc
+            if size > nc._max_payload:
+                raise PayloadTooLarge(subject, size, nc._max_payload)
+            try:
+                await nc.publish(subject, frame)
+            except nats.errors.OutboundBufferLimitError:
+                raise PublishBufferFull(subject, nc._max_pending_size) from None
+            except nats.errors.ConnectionClosedError:
+                raise MeshError("the mesh client is closed") from None
+            self._published += 1
+            self._published_bytes += size
         finally:
             if span is not None:
                 span.end()
@@ -463,7 +496,7 @@ class MeshClient:
         priority: int = 0,
     ) -> None:
         envelope = Envelope(
-            id=self._nuid.next().decode(),
+            id=self.new_id(),
             sender=self.name,
             kind=kind,
             created=time.time_ns(),
@@ -553,52 +586,48 @@ class MeshClient:
         validate_subject(subject, wildcards=True, internal=internal)
         validate_queue_group(queue)
         sub = Subscription(subject, queue)
-        tracing = self.tracing if traced else None
+        tracing = self.tracing
         on_malformed = self._on_malformed
 
         async def on_msg(m: Msg) -> None:
             data = m.data
-            envelope = None
-            body: bytes | memoryview = data
+            body: bytes | memoryview
             if data and data[0] == MAGIC:
                 try:
                     envelope, body = decode_frame(data, m.subject)
                 except MalformedMessage as exc:
                     await on_malformed(m, exc)
                     return
+                field = envelope.trace
+            else:
+                envelope, body, field = None, data, TRACE_NONE
             sub.received += 1
             msg = Message(m.subject, m.reply, body, envelope)
-            field = envelope.trace if envelope is not None else TRACE_NONE
-            if tracing is None:
-                if not field or not traced:
-                    await cb(msg)
-                    return
-                token = current_trace.set(field)
-                try:
-                    await cb(msg)
-                finally:
-                    current_trace.reset(token)
-                return
-            span = tracing.start_inbound(
-                "process", SpanKind.CONSUMER, m.subject, field, lambda: span_attributes(msg)
-            )
-            if span is None:
-                token = current_trace.set(field)
-                try:
-                    await cb(msg)
-                finally:
-                    current_trace.reset(token)
-                return
-            tokens = activate(span)
-            try:
+            if not traced:
                 await cb(msg)
-            except Exception as exc:
-                span.record_exception(exc)
-                span.set_status(Status(StatusCode.ERROR, str(exc)))
-                raise
-            finally:
-                deactivate(tokens)
-                span.end()
+                return
+            if tracing is not None:
+                span = tracing.start_inbound(
+                    "process", SpanKind.CONSUMER, m.subject, field, lambda: span_attributes(msg)
+                )
+                if span is not None:
+                    tokens = activate(span)
+                    try:
+                        await cb(msg)
+                    except Exception as exc:
+                        span.record_exception(exc)
+                        span.set_status(Status(StatusCode.ERROR, str(exc)))
+                        raise
+                    finally:
+                        deactivate(tokens)
+                        span.end()
+                    return
+                field = TRACE_UNSAMPLED  # this process decided: nothing downstream samples
+            # Callbacks run in the subscription's own task, so the variable is that
+            # task's alone: set it only when it changes, never reset it.
+            if current_trace.get() != field:
+                current_trace.set(field)
+            await cb(msg)
 
         nsub = await self.nc.subscribe(
             subject,

@@ -18,6 +18,7 @@ third of pub/sub throughput.
 from __future__ import annotations
 
 import enum
+import struct
 from typing import Any, Final
 
 import msgspec
@@ -59,12 +60,16 @@ TRACE_NONE: Final = ""  # no context: the receiver may start a trace
 TRACE_UNSAMPLED: Final = "0"  # upstream decided not to sample: no spans downstream
 
 
-class Envelope(msgspec.Struct, array_like=True, frozen=True, kw_only=True):
+class Envelope(msgspec.Struct, array_like=True, frozen=True, kw_only=True, gc=False):
     """Mesh metadata carried in front of every payload.
 
     ``created`` and ``deadline`` are Unix times in nanoseconds (``deadline`` 0
     means none). ``trace`` is a W3C ``traceparent``, ``"0"`` for a chain that was
     not sampled, or empty.
+
+    ``gc=False``: its fields are strings and integers, so an envelope can never be
+    part of a reference cycle; untracked, it does not make the collector run more
+    often on a busy receive path.
     """
 
     id: str
@@ -94,6 +99,7 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
 
 _encode_header = msgspec.msgpack.Encoder().encode
 _header_decoder: Final = msgspec.msgpack.Decoder(Envelope)
+_unpack_prefix = struct.Struct(">BBH").unpack_from
 
 
 def encode_frame(envelope: Envelope, body: bytes) -> bytes:
@@ -123,23 +129,26 @@ def decode_frame(data: bytes, subject: str = "") -> tuple[Envelope, memoryview]:
     Raises :class:`MalformedMessage` for any frame that does not decode: wrong
     version, truncated header, a header that is not a valid envelope.
     """
-    if len(data) < _HEADER_START or data[0] != MAGIC:
+    try:
+        magic, version, header_length = _unpack_prefix(data)
+    except struct.error:
+        raise MalformedMessage(subject, "not a mesh frame") from None
+    if magic != MAGIC:
         raise MalformedMessage(subject, "not a mesh frame")
-    if data[1] != VERSION:
-        raise MalformedMessage(subject, f"unsupported frame version {data[1]}")
-    header_length = int.from_bytes(data[2:4], "big")
+    if version != VERSION:
+        raise MalformedMessage(subject, f"unsupported frame version {version}")
     if header_length > MAX_HEADER_SIZE:
         raise MalformedMessage(subject, f"header of {header_length} bytes is over the limit")
     end = _HEADER_START + header_length
     if end > len(data):
         raise MalformedMessage(subject, "truncated header")
-    view = memoryview(data)
     try:
-        envelope = _header_decoder.decode(view[_HEADER_START:end])
+        # The header is small: copying it is cheaper than a memoryview slice.
+        envelope = _header_decoder.decode(data[_HEADER_START:end])
     except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         # UnicodeDecodeError is a ValueError; a deeply nested header a RecursionError.
         raise MalformedMessage(subject, f"bad envelope: {exc}") from None
-    return envelope, view[end:]
+    return envelope, memoryview(data)[end:]
 
 
 # ---------------------------------------------------------------- payloads

@@ -1,12 +1,16 @@
 """Running a :class:`Node` on a connected client: dispatch, bounds, drain.
 
-Dispatch is one task per message, bounded by a semaphore: while the node is at
-``max_concurrency`` the subscription stops being read, so NATS buffers (and,
-past the subscription's bound, drops and counts) instead of memory growing.
+Dispatch feeds a queue of ``max_concurrency`` slots drained by as many worker
+tasks: at most that many handlers run at once, and while every slot is taken
+the subscription stops being read, so NATS buffers (and, past the
+subscription's bound, drops and counts) instead of memory growing. A fixed pool
+costs less per message than a task each, and one sweeper task enforces every
+handler timeout instead of a timer per call.
 
 Shutdown order: stop intake (drain the subscriptions, which hands every
-already-received message to dispatch), wait for in-flight handlers (bounded by
-``drain_timeout``), deregister, flush.
+already-received message to dispatch), let the workers finish the queue
+(bounded by ``drain_timeout``; past it, running handlers are cancelled and
+queued messages refused, each with an error reply), deregister, flush.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from mesh import MeshClient
 from mesh._client import Message, Subscription, current_deadline, span_attributes
 from mesh._errors import MalformedMessage, MeshError
 from mesh._tracing import activate, current_trace, deactivate
-from mesh._wire import TRACE_NONE
+from mesh._wire import TRACE_NONE, TRACE_UNSAMPLED
 from nodes._micro import MicroResponder
 from nodes._node import Context, Handler, Node
 from nodes._registry import Registration
@@ -32,6 +36,10 @@ log = logging.getLogger("mesh.node")
 _NS: Final = 1_000_000_000
 #: How long shutdown waits for queued messages to be refused after drain_timeout.
 _REFUSE_TIMEOUT: Final = 2.0
+#: How often running handlers are checked against their deadlines (at most).
+_SWEEP_INTERVAL: Final = 0.05
+
+Work = tuple[Handler, Message]
 
 
 class NodeRuntime:
@@ -43,8 +51,14 @@ class NodeRuntime:
         self.instance = client.new_id()
         self.started = time.time()
         self._register = register
-        self._sem = asyncio.Semaphore(node.max_concurrency)
-        self._inflight: set[asyncio.Task[None]] = set()
+        self._queue: asyncio.Queue[Work] = asyncio.Queue(node.max_concurrency)
+        self._workers: list[asyncio.Task[None]] = []
+        self._sweeper: asyncio.Task[None] | None = None
+        # Running handlers' deadlines (time.monotonic()), keyed by their worker; the sweeper
+        # cancels an overdue worker and marks it expired so it answers HandlerTimeout.
+        self._deadlines: dict[asyncio.Task[None], float] = {}
+        self._expired: set[asyncio.Task[None]] = set()
+        self._has_deadlines = asyncio.Event()
         self._subs: list[Subscription] = []
         self._micro = MicroResponder(node, self.instance, client, self.started)
         self._registration: Registration | None = None
@@ -53,7 +67,13 @@ class NodeRuntime:
 
     @property
     def inflight(self) -> int:
-        return len(self._inflight)
+        """Handlers running now."""
+        return len(self._deadlines)
+
+    @property
+    def queued(self) -> int:
+        """Messages received and waiting for a free worker."""
+        return self._queue.qsize()
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -67,8 +87,14 @@ class NodeRuntime:
         await self.aclose()
 
     async def start(self) -> None:
-        """Subscribe every handler, answer discovery and register the instance."""
+        """Start the workers, subscribe every handler, answer discovery, register."""
+        loop = asyncio.get_running_loop()
         try:
+            self._workers = [
+                loop.create_task(self._work(), name=f"{self.node.name}-worker-{i}")
+                for i in range(self.node.max_concurrency)
+            ]
+            self._sweeper = loop.create_task(self._sweep(), name=f"{self.node.name}-timeouts")
             for handler in self.node.handlers:
                 sub = await self.client.subscribe(
                     handler.subject, self._dispatcher(handler), queue=handler.queue, traced=False
@@ -93,28 +119,30 @@ class NodeRuntime:
         deadline = time.monotonic() + self.node.drain_timeout
         try:
             drained = asyncio.ensure_future(asyncio.gather(*(sub.drain() for sub in self._subs)))
+            finished = asyncio.ensure_future(self._queue.join())
             await asyncio.wait({drained}, timeout=self.node.drain_timeout)
-            if not drained.done():
-                # Out of time with messages still queued behind busy handlers: refuse the
-                # queued ones and cancel the running ones, so every requester hears back.
+            if drained.done():
+                await asyncio.wait({finished}, timeout=max(0.0, deadline - time.monotonic()))
+            if not (drained.done() and finished.done()):
+                # Out of time: cancel running handlers and refuse queued messages, so
+                # every requester hears back rather than waiting for its timeout.
                 self._refusing = True
-                log.warning("drain timed out: cancelling %d handlers", len(self._inflight))
-                for task in set(self._inflight):
-                    task.cancel()
+                log.warning(
+                    "drain timed out: cancelling %d handlers, refusing %d queued messages",
+                    self.inflight,
+                    self.queued,
+                )
+                await self._stop_workers()
+                await self._refuse_queued()
                 await asyncio.wait({drained}, timeout=_REFUSE_TIMEOUT)
+                await self._refuse_queued()  # what blocked dispatchers put meanwhile
+            finished.cancel()
             if drained.done():
                 drained.result()  # re-raise what a drain raised
             else:
                 drained.cancel()
-            if self._inflight:
-                remaining = max(0.1, deadline - time.monotonic())
-                _, pending = await asyncio.wait(set(self._inflight), timeout=remaining)
-                if pending:
-                    log.warning("drain timed out: cancelling %d handlers", len(pending))
-                    for task in pending:
-                        task.cancel()
-                    await asyncio.wait(pending, timeout=1.0)
         finally:
+            await self._stop_workers()
             await self._micro.aclose()
             if self._registration is not None:
                 await self._registration.aclose()
@@ -123,26 +151,70 @@ class NodeRuntime:
             except Exception as exc:  # a dead connection cannot be flushed; nothing to keep
                 log.debug("flush on close: %s", exc)
 
+    async def _stop_workers(self) -> None:
+        tasks = [t for t in (*self._workers, self._sweeper) if t is not None and not t.done()]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=_REFUSE_TIMEOUT)
+
+    async def _refuse_queued(self) -> None:
+        while not self._queue.empty():
+            _, msg = self._queue.get_nowait()
+            self._queue.task_done()
+            await self._reply_failure(
+                msg, "Cancelled", "the node shut down before handling the message"
+            )
+
     def _dispatcher(self, handler: Handler) -> Any:
-        sem = self._sem
-        inflight = self._inflight
-        run = self._run
+        queue = self._queue
 
         async def dispatch(msg: Message) -> None:
-            await sem.acquire()
             if self._refusing:
-                sem.release()
                 await self._reply_failure(
                     msg, "Cancelled", "the node shut down before handling the message"
                 )
-                return
-            task = asyncio.get_running_loop().create_task(run(handler, msg))
-            inflight.add(task)
-            task.add_done_callback(inflight.discard)
+            elif queue.full():
+                await queue.put((handler, msg))  # backpressure: the subscription waits
+            else:
+                queue.put_nowait((handler, msg))
 
         return dispatch
 
-    async def _run(self, handler: Handler, msg: Message) -> None:
+    async def _work(self) -> None:
+        me = asyncio.current_task()
+        assert me is not None
+        queue = self._queue
+        run = self._run
+        while True:
+            handler, msg = await queue.get()
+            try:
+                await run(handler, msg, me)
+            finally:
+                queue.task_done()
+
+    async def _sweep(self) -> None:
+        deadlines = self._deadlines
+        while True:
+            if not deadlines:
+                self._has_deadlines.clear()
+                await self._has_deadlines.wait()
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.monotonic()
+            for task, due in list(deadlines.items()):
+                if due <= now and task not in self._expired:
+                    self._expired.add(task)
+                    task.cancel()
+
+    def _take_expiry(self, me: asyncio.Task[None]) -> bool:
+        """True (once) if the sweeper cancelled ``me`` for running past its deadline."""
+        if me not in self._expired:
+            return False
+        self._expired.discard(me)
+        me.uncancel()
+        return True
+
+    async def _run(self, handler: Handler, msg: Message, me: asyncio.Task[None]) -> None:
         client = self.client
         stats = handler.stats
         started = time.perf_counter_ns()
@@ -159,14 +231,19 @@ class NodeRuntime:
                 field,
                 lambda: span_attributes(msg, handler.queue),
             )
+            if span is None:
+                field = TRACE_UNSAMPLED  # this process decided: nothing downstream samples
+        # Workers are reused: set this message's context, and put it back afterwards.
         if span is not None:
             tokens = activate(span)
-        elif field:
-            current_trace.set(field)
+            trace_token = None
+        else:
+            trace_token = current_trace.set(field)
+        deadline_ns = envelope.deadline if envelope is not None else 0
+        deadline_token = current_deadline.set(deadline_ns)
         timeout = handler.timeout or self.node.handler_timeout
-        if envelope is not None and envelope.deadline:
-            current_deadline.set(envelope.deadline)
-            timeout = min(timeout, (envelope.deadline - time.time_ns()) / _NS)
+        if deadline_ns:
+            timeout = min(timeout, (deadline_ns - time.time_ns()) / _NS)
         try:
             stats.requests += 1
             if timeout <= 0:
@@ -189,14 +266,30 @@ class NodeRuntime:
                 if handler.wants_context
                 else (payload,)
             )
+            deadlines = self._deadlines
+            if not deadlines:
+                self._has_deadlines.set()
+            deadlines[me] = time.monotonic() + timeout
             try:
-                async with asyncio.timeout(timeout) as cm:
-                    result = await handler.func(*args)
-            except TimeoutError as exc:
-                if not cm.expired():
+                result = await handler.func(*args)
+            except asyncio.CancelledError as exc:
+                if not self._take_expiry(me):
                     raise
+                expired: BaseException | None = exc
+            except Exception as exc:
+                if not self._take_expiry(me):
+                    raise
+                expired = exc  # the handler turned our cancellation into an error
+            else:
+                # A handler that swallowed the cancellation and finished anyway: keep
+                # its result, forget the cancellation.
+                self._take_expiry(me)
+                expired = None
+            finally:
+                deadlines.pop(me, None)
+            if expired is not None:
                 stats.timeouts += 1
-                self._record_error(handler, exc, span, f"handler timed out after {timeout:g}s")
+                self._record_error(handler, expired, span, f"handler timed out after {timeout:g}s")
                 await client.respond_error(
                     msg, "HandlerTimeout", f"{handler.name} did not finish within {timeout:g}s"
                 )
@@ -211,7 +304,9 @@ class NodeRuntime:
             await self._reply_failure(msg, type(exc).__name__, str(exc))
         finally:
             stats.processing_ns += time.perf_counter_ns() - started
-            self._sem.release()
+            current_deadline.reset(deadline_token)
+            if trace_token is not None:
+                current_trace.reset(trace_token)
             if tokens is not None:
                 deactivate(tokens)
             if span is not None:
