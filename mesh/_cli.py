@@ -40,6 +40,7 @@ EXIT_INTERRUPTED = 130
 app = typer.Typer(
     name="mesh",
     help="natsmesh: a message-bus mesh for AI agents over NATS.",
+    epilog="Start here: `mesh up --demo` (embedded NATS, demo agents, live traffic).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -141,6 +142,26 @@ def mesh_command(func: Callable[..., None]) -> Callable[..., None]:
 
 
 # ------------------------------------------------------------------- commands
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from mesh import __version__
+
+        typer.echo(f"natsmesh {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
+        ),
+    ] = False,
+) -> None:
+    """natsmesh: a message-bus mesh for AI agents over NATS."""
 
 
 @app.command()

@@ -71,6 +71,13 @@ DEFAULT_RECONNECT_BUFFER: Final = 8 * 1024 * 1024
 current_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("mesh_deadline", default=0)
 
 _ERROR_HEADER: Final = "Nats-Service-Error"
+# Errors that mean "the connection dropped": the disconnect callback reports those.
+_CONNECTION_LOST: Final = (
+    nats.errors.UnexpectedEOF,
+    nats.errors.StaleConnectionError,
+    ConnectionResetError,
+    BrokenPipeError,
+)
 _ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 _error_json = msgspec.json.Encoder().encode
 _error_decoder: Final = msgspec.json.Decoder(ErrorReply)
@@ -340,8 +347,13 @@ class MeshClient:
             if sub is not None:
                 sub.dropped += 1
             return
-        if not self._closed:
+        if self._closed:
+            return
+        if self.nc.is_connected and not isinstance(exc, _CONNECTION_LOST):
             log.warning("NATS error: %s", _describe(exc))
+        else:
+            # A failed reconnect attempt: the disconnect was reported once already.
+            log.debug("reconnect attempt failed: %s", _describe(exc))
 
     # -- sending -------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from typing import Any, Final
 
@@ -48,7 +49,7 @@ class NodeRuntime:
     def __init__(self, node: Node, client: MeshClient, *, register: bool = True) -> None:
         self.node = node
         self.client = client
-        self.instance = client.new_id()
+        self.instance = secrets.token_hex(11)  # 22 characters, like a NATS micro id
         self.started = time.time()
         self._register = register
         self._queue: asyncio.Queue[Work] = asyncio.Queue(node.max_concurrency)

@@ -498,3 +498,11 @@ def test_server_on_a_busy_port(nats_server: NatsServer) -> None:
     result.clean_failure(1)
     assert "nats-server did not start" in result.err
     assert "address already in use" in result.err
+
+
+def test_version() -> None:
+    from mesh import __version__
+
+    result = mesh("--version")
+    assert result.code == 0
+    assert result.out.strip() == f"natsmesh {__version__}"
