@@ -9,13 +9,12 @@ import logging
 import socket
 import time
 from pathlib import Path
-from typing import Self
 
 import nats
 import nats.errors
 
 from mesh._errors import NatsServerStartError
-from mesh._server import DEFAULT_STOP_TIMEOUT, NatsServer
+from mesh._server import DEFAULT_STOP_TIMEOUT, Lifecycle, NatsServer
 
 __all__ = ["NatsCluster"]
 
@@ -24,7 +23,7 @@ logger = logging.getLogger("mesh.server")
 DEFAULT_CLUSTER_START_TIMEOUT = 30.0
 
 
-class NatsCluster:
+class NatsCluster(Lifecycle):
     """``size`` JetStream servers on loopback, routed to each other as one cluster.
 
     Servers are named n1, n2, ...; their stores live under ``base_dir`` (default: a
@@ -97,20 +96,6 @@ class NatsCluster:
         """Stop every server; safe to call again."""
         for server in self.servers:
             server.stop(timeout)
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await asyncio.to_thread(self.stop)
 
 
 async def _wait_for_jetstream(urls: list[str], deadline: float) -> bool:

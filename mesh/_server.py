@@ -7,6 +7,7 @@ server never outlives the Python process that started it.
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import ctypes
@@ -79,7 +80,33 @@ class _Boot:
     monitor: tuple[str, int] | None = None
 
 
-class NatsServer:
+class Lifecycle(abc.ABC):
+    """``with`` and ``async with`` for anything started and stopped by blocking calls."""
+
+    @abc.abstractmethod
+    def start(self, timeout: float = DEFAULT_START_TIMEOUT) -> None:
+        """Start, blocking until ready."""
+
+    @abc.abstractmethod
+    def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
+        """Stop; safe to call again."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def __aenter__(self) -> Self:
+        await asyncio.to_thread(self.start)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await asyncio.to_thread(self.stop)
+
+
+class NatsServer(Lifecycle):
     """One nats-server process, on loopback and a free port by default.
 
     ``port=0`` and ``monitor_port=0`` let nats-server pick free ports; the real ones are read
@@ -255,20 +282,6 @@ class NatsServer:
         """Let a paused process run again with SIGCONT (POSIX only)."""
         self._require_process().send_signal(signal.SIGCONT)
         self._paused = False
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-    async def __aenter__(self) -> Self:
-        await asyncio.to_thread(self.start)
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await asyncio.to_thread(self.stop)
 
     def _argv(self, binary: Path) -> list[str]:
         argv = [str(binary), "-a", self.host, "-p", str(self._port or -1)]

@@ -62,6 +62,18 @@ def _argv(args: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-m", "mesh", *args]
 
 
+async def spawn(*args: str) -> asyncio.subprocess.Process:
+    """Start ``mesh ARGS`` in the background, its output piped."""
+    return await asyncio.create_subprocess_exec(
+        *_argv(args),
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_env(),
+        cwd=REPO,
+    )
+
+
 async def amesh(
     *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 30
 ) -> Result:
@@ -193,14 +205,7 @@ def test_request_timeout(nats_url: str) -> None:
 
 def test_publish_while_sub_receives(nats_url: str) -> None:
     async def main() -> None:
-        sub = await asyncio.create_subprocess_exec(
-            *_argv(("sub", "tasks.>", "--count", "5", "--json", "--nats", nats_url)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_env(),
-            cwd=REPO,
-        )
+        sub = await spawn("sub", "tasks.>", "--count", "5", "--json", "--nats", nats_url)
         try:
             assert sub.stderr is not None
             assert sub.stdout is not None
@@ -232,14 +237,7 @@ def test_publish_while_sub_receives(nats_url: str) -> None:
 
 def test_sub_shows_plain_messages(nats_url: str) -> None:
     async def main() -> None:
-        sub = await asyncio.create_subprocess_exec(
-            *_argv(("sub", "plain.*", "--count", "2", "--nats", nats_url)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_env(),
-            cwd=REPO,
-        )
+        sub = await spawn("sub", "plain.*", "--count", "2", "--nats", nats_url)
         try:
             assert sub.stderr is not None
             await read_until(sub.stderr, "listening")
@@ -324,14 +322,7 @@ def test_node_run_with_a_bad_spec(dead_url: str) -> None:
 
 def test_node_run_serves_until_sigterm(nats_url: str) -> None:
     async def main() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *_argv(("node", "run", "nodes.examples.echo:node", "--nats", nats_url)),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_env(),
-            cwd=REPO,
-        )
+        proc = await spawn("node", "run", "nodes.examples.echo:node", "--nats", nats_url)
         try:
             assert proc.stderr is not None
             banner = await read_until(proc.stderr, "serving")
