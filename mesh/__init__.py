@@ -14,7 +14,9 @@ from mesh._client import (
     Subscription,
 )
 from mesh._errors import (
+    ClientClosed,
     ConnectionFailed,
+    FlushTimeout,
     InvalidName,
     MalformedMessage,
     MeshError,
@@ -38,10 +40,12 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_URL",
+    "ClientClosed",
     "ClientStats",
     "ConnectionFailed",
     "ContentType",
     "Envelope",
+    "FlushTimeout",
     "InvalidName",
     "Kind",
     "MalformedMessage",

@@ -25,7 +25,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MeshClient, Message
+from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MAX_TIMEOUT, MeshClient, Message
 from mesh._errors import ConnectionFailed, MeshError
 from mesh._names import validate_subject
 from mesh._tracing import Tracing, tracing_from_env
@@ -96,21 +96,28 @@ def cli_tracing(service_name: str) -> Tracing | None:
 
 
 def parse_payload(text: str | None) -> Any:
-    """A payload argument: JSON, ``@file`` (JSON file), ``-`` (stdin), or plain text."""
+    """A payload argument: JSON, ``@file``, ``-`` (stdin), or plain text.
+
+    Whatever parses as JSON is sent as JSON; anything else (text, binary files)
+    is sent as raw bytes.
+    """
     if text is None:
         return b""
+    raw: bytes
     if text == "-":
-        text = sys.stdin.read()
+        raw = sys.stdin.buffer.read()
     elif text.startswith("@"):
         path = Path(text[1:])
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as exc:
             raise fail(f"cannot read payload file {path}: {exc.strerror}", EXIT_USAGE) from None
+    else:
+        raw = text.encode("utf-8", "surrogateescape")
     try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text.encode()
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        return raw
 
 
 def format_payload(value: Any) -> str:
@@ -264,6 +271,8 @@ def request(
 ) -> None:
     """Send a request and print the reply as JSON."""
     validate_subject(subject)
+    if not 0 < timeout <= MAX_TIMEOUT:  # also refuses nan
+        raise fail(f"--timeout must be more than 0 and at most {MAX_TIMEOUT:g} seconds", EXIT_USAGE)
     body = parse_payload(payload)
     tracing = cli_tracing("mesh-cli")
 
@@ -358,11 +367,10 @@ def sub(
                         "id": env.id if env else "",
                         "kind": env.kind.name.lower() if env else "plain",
                         "reply": msg.reply,
-                        "payload": json.loads(format_payload(value))
-                        if _is_json(format_payload(value))
-                        else format_payload(value),
+                        "payload": _json_value(value),
                     },
                     ensure_ascii=False,
+                    allow_nan=False,
                 )
             else:
                 stamp = time.strftime("%H:%M:%S")
@@ -382,12 +390,15 @@ def sub(
     run(main())
 
 
-def _is_json(text: str) -> bool:
+def _json_value(value: Any) -> Any:
+    """A payload as a strict JSON value for ``--json`` output (else its text form)."""
+    text = format_payload(value)
     try:
-        json.loads(text)
-    except json.JSONDecodeError:
-        return False
-    return True
+        parsed = json.loads(text)
+        json.dumps(parsed, allow_nan=False)
+    except ValueError:  # not JSON, or NaN/Infinity, which strict JSON has no words for
+        return text
+    return parsed
 
 
 @app.command()

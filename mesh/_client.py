@@ -26,7 +26,9 @@ from nats.aio.subscription import Subscription as NatsSubscription
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh._errors import (
+    ClientClosed,
     ConnectionFailed,
+    FlushTimeout,
     MalformedMessage,
     MeshError,
     NoResponders,
@@ -59,6 +61,7 @@ T = TypeVar("T")
 DEFAULT_URL: Final = "nats://127.0.0.1:4222"
 DEFAULT_CONNECT_TIMEOUT: Final = 2.0
 DEFAULT_REQUEST_TIMEOUT: Final = 5.0
+MAX_TIMEOUT: Final = 86_400.0
 DEFAULT_DRAIN_TIMEOUT: Final = 10.0
 DEFAULT_FLUSH_TIMEOUT: Final = 5.0
 #: Messages and bytes a subscription may hold before the oldest are dropped (counted).
@@ -71,6 +74,7 @@ DEFAULT_RECONNECT_BUFFER: Final = 8 * 1024 * 1024
 current_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("mesh_deadline", default=0)
 
 _ERROR_HEADER: Final = "Nats-Service-Error"
+_CLOSED: Final = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError)
 # Errors that mean "the connection dropped": the disconnect callback reports those.
 _CONNECTION_LOST: Final = (
     nats.errors.UnexpectedEOF,
@@ -298,7 +302,7 @@ class MeshClient:
         """Return once the server has processed everything sent so far, subscriptions
         included: a message published after this reaches a subscription made before it.
 
-        Raises :class:`TimeoutError` after ``timeout`` seconds.
+        Raises :class:`FlushTimeout` (a TimeoutError) after ``timeout`` seconds.
         """
         try:
             async with asyncio.timeout(timeout):
@@ -310,8 +314,10 @@ class MeshClient:
                     await asyncio.sleep(delay)
                     delay = 0.001
                 await self.nc.flush()
-        except nats.errors.ConnectionClosedError:
-            raise MeshError("the mesh client is closed") from None
+        except _CLOSED:
+            raise ClientClosed() from None
+        except (TimeoutError, nats.errors.TimeoutError):
+            raise FlushTimeout(timeout) from None
 
     @property
     def connected(self) -> bool:
@@ -387,7 +393,7 @@ class MeshClient:
                     id=f"{self._id_prefix}{next(self._id_seq):010x}",
                     sender=self.name,
                     created=time.time_ns(),
-                    deadline=current_deadline.get(),
+                    # No deadline: an event outlives the request that caused it.
                     priority=priority,
                     trace=field,
                     content_type=ctype,
@@ -402,8 +408,8 @@ class MeshClient:
                 await nc.publish(subject, frame)
             except nats.errors.OutboundBufferLimitError:
                 raise PublishBufferFull(subject, nc._max_pending_size) from None
-            except nats.errors.ConnectionClosedError:
-                raise MeshError("the mesh client is closed") from None
+            except _CLOSED:
+                raise ClientClosed() from None
             self._published += 1
             self._published_bytes += size
         finally:
@@ -450,6 +456,10 @@ class MeshClient:
         Inside a handler the caller's deadline caps ``timeout``.
         """
         validate_subject(subject)
+        if not 0 < timeout <= MAX_TIMEOUT:  # also refuses NaN
+            raise ValueError(
+                f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout}"
+            )
         body, ctype = encode_payload(payload, content_type)
         now = time.time_ns()
         deadline = now + int(timeout * 1e9)
@@ -483,8 +493,8 @@ class MeshClient:
                 raise RequestTimeout(subject, timeout) from None
             except nats.errors.OutboundBufferLimitError:
                 raise PublishBufferFull(subject, self.nc._max_pending_size) from None
-            except nats.errors.ConnectionClosedError:
-                raise MeshError("the mesh client is closed") from None
+            except _CLOSED:
+                raise ClientClosed() from None
             self._published += 1
             self._published_bytes += len(frame)
             return _read_reply(subject, reply, type)
@@ -527,8 +537,8 @@ class MeshClient:
             await self.nc.publish(subject, data, reply=reply, headers=headers)
         except nats.errors.OutboundBufferLimitError:
             raise PublishBufferFull(subject, self.nc._max_pending_size) from None
-        except nats.errors.ConnectionClosedError:
-            raise MeshError("the mesh client is closed") from None
+        except _CLOSED:
+            raise ClientClosed() from None
         self._published += 1
         self._published_bytes += len(data)
 
@@ -641,13 +651,16 @@ class MeshClient:
                 current_trace.set(field)
             await cb(msg)
 
-        nsub = await self.nc.subscribe(
-            subject,
-            queue=queue,
-            cb=on_msg,
-            pending_msgs_limit=pending_msgs,
-            pending_bytes_limit=pending_bytes,
-        )
+        try:
+            nsub = await self.nc.subscribe(
+                subject,
+                queue=queue,
+                cb=on_msg,
+                pending_msgs_limit=pending_msgs,
+                pending_bytes_limit=pending_bytes,
+            )
+        except _CLOSED:
+            raise ClientClosed() from None
         sub._sub = nsub
         self._subs[nsub._id] = sub
         sub._on_close = self._forget

@@ -17,7 +17,9 @@ OS) are translated at the edge, so callers catch mesh errors only::
     │   ├── NoResponders                    nobody subscribes to the subject
     │   ├── RequestTimeout (+ TimeoutError) no reply within the timeout
     │   └── RemoteError                     the handler raised; carries its type and message
-    └── PublishBufferFull                   disconnected and the reconnect buffer is full
+    ├── PublishBufferFull                   disconnected and the reconnect buffer is full
+    ├── ClientClosed                        the client is closed or closing
+    └── FlushTimeout (+ TimeoutError)       the server did not confirm in time
 
 Each error's message says what happened and, where there is one, what to do.
 """
@@ -168,4 +170,22 @@ class PublishBufferFull(MeshError):
         super().__init__(
             f"cannot publish to {subject!r}: disconnected from NATS and the "
             f"{buffer_bytes}-byte reconnect buffer is full; retry after reconnect"
+        )
+
+
+class ClientClosed(MeshError):
+    """The client was closed (or is draining) and cannot send or subscribe."""
+
+    def __init__(self) -> None:
+        super().__init__("the mesh client is closed or closing")
+
+
+class FlushTimeout(MeshError, TimeoutError):
+    """The server did not confirm what was sent within the timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        super().__init__(
+            f"the NATS server did not confirm within {timeout:g}s: the connection is "
+            "down or the server is overloaded"
         )

@@ -130,7 +130,11 @@ class Registration:
                 "not registering in %s (is JetStream enabled on the server?): %s", BUCKET, exc
             )
             return
-        await self._put()
+        try:
+            await self._put()
+        except (nats.errors.Error, TimeoutError, OSError) as exc:
+            # Not fatal: the node serves anyway, and the heartbeat tries again.
+            log.warning("could not register in %s: %s", BUCKET, exc)
         self._task = asyncio.get_running_loop().create_task(self._heartbeat())
 
     async def _put(self) -> None:

@@ -31,7 +31,11 @@ def load_node(spec: str) -> Node:
     except ModuleNotFoundError as exc:
         if exc.name and module_name.startswith(exc.name):
             raise AppNotFound(spec, f"no module named {exc.name!r}") from None
-        raise
+        raise AppNotFound(spec, f"importing {module_name!r} failed: {exc}") from exc
+    except Exception as exc:  # the user's module raised while importing: say where
+        raise AppNotFound(
+            spec, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     target: object = module
     for part in attr.split("."):
         try:

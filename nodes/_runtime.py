@@ -1,16 +1,15 @@
 """Running a :class:`Node` on a connected client: dispatch, bounds, drain.
 
-Dispatch feeds a queue of ``max_concurrency`` slots drained by as many worker
-tasks: at most that many handlers run at once, and while every slot is taken
-the subscription stops being read, so NATS buffers (and, past the
-subscription's bound, drops and counts) instead of memory growing. A fixed pool
-costs less per message than a task each, and one sweeper task enforces every
-handler timeout instead of a timer per call.
+Each message runs in a task of its own (so context variables a handler sets
+never leak into the next message), at most ``max_concurrency`` at once: while
+every slot is taken the subscription stops being read, so NATS buffers (and,
+past the subscription's bound, drops and counts) instead of memory growing.
+One sweeper task enforces every handler timeout, instead of a timer per call.
 
 Shutdown order: stop intake (drain the subscriptions, which hands every
-already-received message to dispatch), let the workers finish the queue
-(bounded by ``drain_timeout``; past it, running handlers are cancelled and
-queued messages refused, each with an error reply), deregister, flush.
+already-received message to dispatch), wait for the running handlers (bounded
+by ``drain_timeout``; past it, they are cancelled and messages still arriving
+refused, each with an error reply), deregister, flush.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh import MeshClient
 from mesh._client import Message, Subscription, current_deadline, span_attributes
-from mesh._errors import MalformedMessage, MeshError
+from mesh._errors import MalformedMessage
 from mesh._tracing import activate, current_trace, deactivate
 from mesh._wire import TRACE_NONE, TRACE_UNSAMPLED
 from nodes._micro import MicroResponder
@@ -40,8 +39,6 @@ _REFUSE_TIMEOUT: Final = 2.0
 #: How often running handlers are checked against their deadlines (at most).
 _SWEEP_INTERVAL: Final = 0.05
 
-Work = tuple[Handler, Message]
-
 
 class NodeRuntime:
     """One running instance of a node. Use as an async context manager."""
@@ -52,11 +49,11 @@ class NodeRuntime:
         self.instance = secrets.token_hex(11)  # 22 characters, like a NATS micro id
         self.started = time.time()
         self._register = register
-        self._queue: asyncio.Queue[Work] = asyncio.Queue(node.max_concurrency)
-        self._workers: list[asyncio.Task[None]] = []
+        self._slots = asyncio.Semaphore(node.max_concurrency)
+        self._tasks: set[asyncio.Task[None]] = set()
         self._sweeper: asyncio.Task[None] | None = None
-        # Running handlers' deadlines (time.monotonic()), keyed by their worker; the sweeper
-        # cancels an overdue worker and marks it expired so it answers HandlerTimeout.
+        # Running handlers' deadlines (time.monotonic()), by task; the sweeper cancels
+        # an overdue task and marks it expired, so it answers HandlerTimeout.
         self._deadlines: dict[asyncio.Task[None], float] = {}
         self._expired: set[asyncio.Task[None]] = set()
         self._has_deadlines = asyncio.Event()
@@ -69,12 +66,7 @@ class NodeRuntime:
     @property
     def inflight(self) -> int:
         """Handlers running now."""
-        return len(self._deadlines)
-
-    @property
-    def queued(self) -> int:
-        """Messages received and waiting for a free worker."""
-        return self._queue.qsize()
+        return len(self._tasks)
 
     @property
     def subscriptions(self) -> list[Subscription]:
@@ -88,17 +80,16 @@ class NodeRuntime:
         await self.aclose()
 
     async def start(self) -> None:
-        """Start the workers, subscribe every handler, answer discovery, register."""
+        """Subscribe every handler, answer discovery and register the instance."""
         loop = asyncio.get_running_loop()
         try:
-            self._workers = [
-                loop.create_task(self._work(), name=f"{self.node.name}-worker-{i}")
-                for i in range(self.node.max_concurrency)
-            ]
             self._sweeper = loop.create_task(self._sweep(), name=f"{self.node.name}-timeouts")
             for handler in self.node.handlers:
                 sub = await self.client.subscribe(
-                    handler.subject, self._dispatcher(handler), queue=handler.queue, traced=False
+                    handler.subject,
+                    self._dispatcher(handler, loop),
+                    queue=handler.queue,
+                    traced=False,
                 )
                 self._subs.append(sub)
             await self._micro.start()
@@ -120,30 +111,25 @@ class NodeRuntime:
         deadline = time.monotonic() + self.node.drain_timeout
         try:
             drained = asyncio.ensure_future(asyncio.gather(*(sub.drain() for sub in self._subs)))
-            finished = asyncio.ensure_future(self._queue.join())
+            # Intake first: until the drain returns, received messages still start tasks.
             await asyncio.wait({drained}, timeout=self.node.drain_timeout)
-            if drained.done():
-                await asyncio.wait({finished}, timeout=max(0.0, deadline - time.monotonic()))
-            if not (drained.done() and finished.done()):
-                # Out of time: cancel running handlers and refuse queued messages, so
+            while self._tasks and time.monotonic() < deadline:
+                await asyncio.wait(set(self._tasks), timeout=deadline - time.monotonic())
+            if self._tasks or not drained.done():
+                # Out of time: cancel running handlers and refuse what still arrives, so
                 # every requester hears back rather than waiting for its timeout.
                 self._refusing = True
-                log.warning(
-                    "drain timed out: cancelling %d handlers, refusing %d queued messages",
-                    self.inflight,
-                    self.queued,
-                )
-                await self._stop_workers()
-                await self._refuse_queued()
+                log.warning("drain timed out: cancelling %d handlers", len(self._tasks))
+                await self._cancel(self._tasks)
                 await asyncio.wait({drained}, timeout=_REFUSE_TIMEOUT)
-                await self._refuse_queued()  # what blocked dispatchers put meanwhile
-            finished.cancel()
+                await self._cancel(self._tasks)  # what a last dispatch started meanwhile
             if drained.done():
                 drained.result()  # re-raise what a drain raised
             else:
                 drained.cancel()
         finally:
-            await self._stop_workers()
+            if self._sweeper is not None:
+                await self._cancel({self._sweeper})
             await self._micro.aclose()
             if self._registration is not None:
                 await self._registration.aclose()
@@ -152,47 +138,33 @@ class NodeRuntime:
             except Exception as exc:  # a dead connection cannot be flushed; nothing to keep
                 log.debug("flush on close: %s", exc)
 
-    async def _stop_workers(self) -> None:
-        tasks = [t for t in (*self._workers, self._sweeper) if t is not None and not t.done()]
-        for task in tasks:
+    @staticmethod
+    async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+        pending = [t for t in tasks if not t.done()]
+        for task in pending:
             task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=_REFUSE_TIMEOUT)
+        if pending:
+            await asyncio.wait(pending, timeout=_REFUSE_TIMEOUT)
 
-    async def _refuse_queued(self) -> None:
-        while not self._queue.empty():
-            _, msg = self._queue.get_nowait()
-            self._queue.task_done()
-            await self._reply_failure(
-                msg, "Cancelled", "the node shut down before handling the message"
-            )
-
-    def _dispatcher(self, handler: Handler) -> Any:
-        queue = self._queue
+    def _dispatcher(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> Any:
+        slots = self._slots
+        tasks = self._tasks
+        run = self._run
 
         async def dispatch(msg: Message) -> None:
+            await slots.acquire()  # backpressure: at the bound, the subscription waits
             if self._refusing:
+                slots.release()
                 await self._reply_failure(
                     msg, "Cancelled", "the node shut down before handling the message"
                 )
-            elif queue.full():
-                await queue.put((handler, msg))  # backpressure: the subscription waits
-            else:
-                queue.put_nowait((handler, msg))
+                return
+            # A task of its own: the handler's context variables die with it.
+            task = loop.create_task(run(handler, msg))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
 
         return dispatch
-
-    async def _work(self) -> None:
-        me = asyncio.current_task()
-        assert me is not None
-        queue = self._queue
-        run = self._run
-        while True:
-            handler, msg = await queue.get()
-            try:
-                await run(handler, msg, me)
-            finally:
-                queue.task_done()
 
     async def _sweep(self) -> None:
         deadlines = self._deadlines
@@ -208,14 +180,21 @@ class NodeRuntime:
                     task.cancel()
 
     def _take_expiry(self, me: asyncio.Task[None]) -> bool:
-        """True (once) if the sweeper cancelled ``me`` for running past its deadline."""
+        """True (once) if the sweeper cancelled ``me`` for running past its deadline.
+
+        Raises CancelledError when a second cancellation (shutdown) is pending too:
+        that one must not be swallowed.
+        """
         if me not in self._expired:
             return False
         self._expired.discard(me)
-        me.uncancel()
+        if me.uncancel() > 0:
+            raise asyncio.CancelledError
         return True
 
-    async def _run(self, handler: Handler, msg: Message, me: asyncio.Task[None]) -> None:
+    async def _run(self, handler: Handler, msg: Message) -> None:
+        me = asyncio.current_task()
+        assert me is not None
         client = self.client
         stats = handler.stats
         started = time.perf_counter_ns()
@@ -223,7 +202,6 @@ class NodeRuntime:
         field = envelope.trace if envelope is not None else TRACE_NONE
         tracing = client.tracing
         span = None
-        tokens = None
         if tracing is not None:
             span = tracing.start_inbound(
                 "process",
@@ -234,14 +212,12 @@ class NodeRuntime:
             )
             if span is None:
                 field = TRACE_UNSAMPLED  # this process decided: nothing downstream samples
-        # Workers are reused: set this message's context, and put it back afterwards.
-        if span is not None:
-            tokens = activate(span)
-            trace_token = None
-        else:
-            trace_token = current_trace.set(field)
+        # This task's own context: set, never reset.
+        tokens = activate(span) if span is not None else None
+        if span is None:
+            current_trace.set(field)
         deadline_ns = envelope.deadline if envelope is not None else 0
-        deadline_token = current_deadline.set(deadline_ns)
+        current_deadline.set(deadline_ns)
         timeout = handler.timeout or self.node.handler_timeout
         if deadline_ns:
             timeout = min(timeout, (deadline_ns - time.time_ns()) / _NS)
@@ -271,43 +247,46 @@ class NodeRuntime:
             if not deadlines:
                 self._has_deadlines.set()
             deadlines[me] = time.monotonic() + timeout
+            failure: BaseException | None = None
+            expired = False
             try:
                 result = await handler.func(*args)
             except asyncio.CancelledError as exc:
-                if not self._take_expiry(me):
-                    raise
-                expired: BaseException | None = exc
+                expired = self._take_expiry(me)
+                if not expired and me.cancelling():
+                    raise  # the node is shutting down
+                # Otherwise the handler awaited something cancelled: its own failure.
+                failure = exc
             except Exception as exc:
-                if not self._take_expiry(me):
-                    raise
-                expired = exc  # the handler turned our cancellation into an error
+                # The handler may have turned our cancellation into an error of its own.
+                expired = self._take_expiry(me)
+                failure = exc
             else:
                 # A handler that swallowed the cancellation and finished anyway: keep
                 # its result, forget the cancellation.
                 self._take_expiry(me)
-                expired = None
             finally:
                 deadlines.pop(me, None)
-            if expired is not None:
+            if expired:
                 stats.timeouts += 1
-                self._record_error(handler, expired, span, f"handler timed out after {timeout:g}s")
+                self._record_error(handler, failure, span, f"handler timed out after {timeout:g}s")
                 await client.respond_error(
                     msg, "HandlerTimeout", f"{handler.name} did not finish within {timeout:g}s"
                 )
-                return
-            await client.respond(msg, result)
+            elif failure is not None:
+                log.error("handler %s failed on %s", handler.name, msg.subject, exc_info=failure)
+                self._record_error(handler, failure, span)
+                await self._reply_failure(msg, type(failure).__name__, str(failure))
+            else:
+                await client.respond(msg, result)
         except asyncio.CancelledError:
             await self._reply_failure(msg, "Cancelled", "the node shut down before finishing")
             raise
-        except Exception as exc:
-            log.exception("handler %s failed on %s", handler.name, msg.subject)
-            self._record_error(handler, exc, span)
-            await self._reply_failure(msg, type(exc).__name__, str(exc))
+        except Exception as exc:  # sending the reply failed
+            log.warning("could not reply on %s: %s", msg.subject, exc)
         finally:
             stats.processing_ns += time.perf_counter_ns() - started
-            current_deadline.reset(deadline_token)
-            if trace_token is not None:
-                current_trace.reset(trace_token)
+            self._slots.release()
             if tokens is not None:
                 deactivate(tokens)
             if span is not None:
@@ -316,15 +295,16 @@ class NodeRuntime:
     async def _reply_failure(self, msg: Message, error_type: str, message: str) -> None:
         try:
             await self.client.respond_error(msg, error_type, message)
-        except MeshError as exc:
+        except Exception as exc:  # the connection may be gone; the requester times out
             log.warning("could not send the error reply on %s: %s", msg.subject, exc)
 
     @staticmethod
     def _record_error(
-        handler: Handler, exc: BaseException, span: Any, text: str | None = None
+        handler: Handler, exc: BaseException | None, span: Any, text: str | None = None
     ) -> None:
         handler.stats.errors += 1
         handler.stats.last_error = text or f"{type(exc).__name__}: {exc}"
         if span is not None:
-            span.record_exception(exc)
+            if exc is not None:
+                span.record_exception(exc)
             span.set_status(Status(StatusCode.ERROR, handler.stats.last_error))

@@ -18,7 +18,7 @@ import pytest
 import typer
 from _util import arun
 
-from mesh import MeshClient
+from mesh import MeshClient, Message
 from mesh._cli import app
 from mesh._server import NatsServer
 from nodes import Node, NodeRuntime
@@ -75,7 +75,11 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
 
 
 async def amesh(
-    *args: str, env: dict[str, str] | None = None, stdin: bytes | None = None, timeout: float = 30
+    *args: str,
+    env: dict[str, str] | None = None,
+    stdin: bytes | None = None,
+    timeout: float = 30,
+    cwd: Path = REPO,
 ) -> Result:
     """Run ``mesh ARGS`` to completion (bounded by ``timeout``)."""
     proc = await asyncio.create_subprocess_exec(
@@ -84,7 +88,7 @@ async def amesh(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env=_env(env),
-        cwd=REPO,
+        cwd=cwd,
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(stdin), timeout)
@@ -497,3 +501,53 @@ def test_version() -> None:
     result = mesh("--version")
     assert result.code == 0
     assert result.out.strip() == f"natsmesh {__version__}"
+
+
+def test_bad_timeouts_are_usage_errors(nats_url: str) -> None:
+    async def main() -> list[Result]:
+        return await asyncio.gather(
+            *(
+                amesh("request", "demo.echo", "{}", "--timeout", value, "--nats", nats_url)
+                for value in ("0", "-1", "nan", "inf", "1e12")
+            )
+        )
+
+    for result in arun(main(), timeout=60):
+        result.clean_failure(2)
+        assert "--timeout" in result.err
+
+
+def test_binary_and_stdin_payloads_are_sent_as_bytes(nats_url: str, tmp_path: Path) -> None:
+    blob = tmp_path / "blob.bin"
+    blob.write_bytes(b"\xff\x00\xfe binary")
+
+    async def main() -> tuple[Result, Result, list[bytes]]:
+        got: list[bytes] = []
+        done = asyncio.Event()
+
+        async def keep(msg: Message) -> None:
+            got.append(msg.data)
+            if len(got) == 2:
+                done.set()
+
+        async with await MeshClient.connect(nats_url, name="keeper") as client:
+            await client.subscribe("bin.x", keep)
+            await client.flush()
+            from_file = await amesh("publish", "bin.x", f"@{blob}", "--nats", nats_url)
+            from_stdin = await amesh("publish", "bin.x", "-", "--nats", nats_url, stdin=b"\xff")
+            await asyncio.wait_for(done.wait(), 10)
+        return from_file, from_stdin, got
+
+    from_file, from_stdin, got = arun(main(), timeout=60)
+    assert from_file.code == 0, from_file
+    assert from_stdin.code == 0, from_stdin
+    assert sorted(got) == sorted([b"\xff\x00\xfe binary", b"\xff"])
+
+
+def test_node_module_that_fails_to_import(tmp_path: Path, dead_url: str) -> None:
+    (tmp_path / "broken_agent.py").write_text("raise RuntimeError('no API key configured')\n")
+    result = arun(
+        amesh("node", "run", "broken_agent:node", "--nats", dead_url, cwd=tmp_path), timeout=40
+    )
+    result.clean_failure(1)
+    assert "importing 'broken_agent' failed: RuntimeError: no API key configured" in result.err

@@ -16,6 +16,7 @@ import pytest
 from _util import arun
 
 from mesh import (
+    ClientClosed,
     ClientStats,
     ConnectionFailed,
     InvalidName,
@@ -355,8 +356,20 @@ def test_aclose_is_idempotent(nats_url: str) -> None:
         assert not client.connected
         with pytest.raises(MeshError, match="closed"):
             await client.publish("x.y", {})
-        with pytest.raises(MeshError, match="closed"):
+        with pytest.raises(ClientClosed):
             await client.request("x.y", {})
+        with pytest.raises(ClientClosed):
+            await client.subscribe("x.y", Inbox())
+
+    arun(main())
+
+
+def test_timeouts_must_be_positive_and_finite(nats_url: str) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="timer") as client:
+            for bad in (0.0, -1.0, float("nan"), float("inf")):
+                with pytest.raises(ValueError, match="timeout"):
+                    await client.request("x.y", {}, timeout=bad)
 
     arun(main())
 

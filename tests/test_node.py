@@ -493,6 +493,114 @@ def test_drain_timeout_bounds_shutdown(nats_url: str) -> None:
     arun(main(), timeout=12)
 
 
+def test_a_request_arriving_at_shutdown_is_finished_not_cancelled(nats_url: str) -> None:
+    """A message received while intake stops still runs to completion."""
+    node = Node("late", drain_timeout=5)
+
+    @node.handles("late.task")
+    async def late(message: dict[str, int]) -> int:
+        await asyncio.sleep(0.3)
+        return message["n"]
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="late") as server,
+            await MeshClient.connect(nats_url, name="caller") as client,
+        ):
+            runtime = NodeRuntime(node, server, register=False)
+            await runtime.start()
+            request = asyncio.ensure_future(client.request("late.task", {"n": 7}, timeout=5))
+            await client.flush()  # sent, and very likely not handled yet
+            await runtime.aclose()
+            assert await request == 7
+
+    arun(main())
+
+
+def test_a_foreign_cancellation_is_a_handler_error_and_the_node_survives(
+    nats_url: str,
+) -> None:
+    node = Node("fragile", max_concurrency=2)
+
+    @node.handles("fragile.task")
+    async def fragile(message: dict[str, bool]) -> str:
+        if message["boom"]:
+            future = asyncio.get_running_loop().create_future()
+            future.cancel()
+            await future  # CancelledError that nobody sent to this task
+        return "ok"
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="fragile") as server,
+            await MeshClient.connect(nats_url, name="caller") as client,
+            NodeRuntime(node, server, register=False),
+        ):
+            for _ in range(4):  # more than max_concurrency: no slot may be lost
+                with pytest.raises(RemoteError) as info:
+                    await client.request("fragile.task", {"boom": True}, timeout=5)
+                assert info.value.error_type == "CancelledError"
+            assert await client.request("fragile.task", {"boom": False}, timeout=5) == "ok"
+
+    arun(main())
+
+
+def test_context_variables_do_not_leak_between_messages(nats_url: str) -> None:
+    import contextvars
+
+    user: contextvars.ContextVar[str] = contextvars.ContextVar("user", default="")
+    node = Node("tenant", max_concurrency=1)
+
+    @node.handles("tenant.task")
+    async def handle(message: dict[str, str]) -> str:
+        before = user.get()
+        user.set(message["user"])
+        return before
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="tenant") as server,
+            await MeshClient.connect(nats_url, name="caller") as client,
+            NodeRuntime(node, server, register=False),
+        ):
+            assert await client.request("tenant.task", {"user": "alice"}) == ""
+            assert await client.request("tenant.task", {"user": "bob"}) == ""
+
+    arun(main())
+
+
+def test_shutdown_is_not_swallowed_by_a_timed_out_handler(nats_url: str) -> None:
+    """A handler past its timeout, still cleaning up when the node shuts down, is
+    cancelled by the shutdown too: nothing keeps running after aclose()."""
+    node = Node("slowclean", handler_timeout=0.1, drain_timeout=0.3)
+    cleaning = asyncio.Event()
+
+    @node.handles("slowclean.task")
+    async def handle(message: Any) -> None:
+        try:
+            await asyncio.sleep(10)
+        finally:
+            cleaning.set()
+            await asyncio.sleep(10)  # cleanup that outlives the timeout
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="slowclean") as server,
+            await MeshClient.connect(nats_url, name="caller") as client,
+        ):
+            runtime = NodeRuntime(node, server, register=False)
+            await runtime.start()
+            request = asyncio.ensure_future(client.request("slowclean.task", {}, timeout=5))
+            await asyncio.wait_for(cleaning.wait(), 5)
+            await runtime.aclose()
+            assert runtime.inflight == 0
+            with pytest.raises(RemoteError) as info:
+                await request
+            assert info.value.error_type in ("Cancelled", "HandlerTimeout")
+
+    arun(main(), timeout=20)
+
+
 # ------------------------------------------------------------------ registration and discovery
 
 
