@@ -118,11 +118,10 @@ async def _jetstream_answers(url: str, deadline: float) -> bool:
             while time.monotonic() < deadline and nc.is_connected:
                 try:
                     reply = await nc.request("$JS.API.INFO", b"", timeout=1)
-                except (TimeoutError, nats.errors.Error):
-                    pass  # no meta leader yet: the request goes unanswered
-                else:
                     if "error" not in json.loads(reply.data):
                         return True
+                except (TimeoutError, nats.errors.Error):
+                    logger.debug("no JetStream meta leader at %s yet", url)
                 await asyncio.sleep(0.1)
         finally:
             await nc.close()
