@@ -5,14 +5,7 @@ tracing glue, and the embedded nats-server launcher. Node processes live in
 :mod:`nodes`; pure topology analysis in :mod:`topology`.
 """
 
-from mesh._client import (
-    DEFAULT_REQUEST_TIMEOUT,
-    DEFAULT_URL,
-    ClientStats,
-    MeshClient,
-    Message,
-    Subscription,
-)
+from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MeshClient
 from mesh._errors import (
     ClientClosed,
     ConnectionFailed,
@@ -31,6 +24,7 @@ from mesh._errors import (
     RequestError,
     RequestTimeout,
 )
+from mesh._message import ClientStats, Message, Subscription
 from mesh._names import validate_agent_name, validate_subject
 from mesh._tracing import Tracing, tracing_from_env
 from mesh._wire import ContentType, Envelope, Kind

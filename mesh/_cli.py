@@ -25,8 +25,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MAX_TIMEOUT, MeshClient, Message
+from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MAX_TIMEOUT, MeshClient
 from mesh._errors import ConnectionFailed, MeshError
+from mesh._message import Message
 from mesh._names import validate_subject
 from mesh._tracing import Tracing, tracing_from_env
 

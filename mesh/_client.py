@@ -14,7 +14,6 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any, Final, TypeVar, overload
 
 import msgspec
@@ -22,7 +21,6 @@ import nats
 import nats.errors
 from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription as NatsSubscription
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh._errors import (
@@ -36,6 +34,13 @@ from mesh._errors import (
     PublishBufferFull,
     RemoteError,
     RequestTimeout,
+)
+from mesh._message import (
+    Callback,
+    ClientStats,
+    Message,
+    Subscription,
+    span_attributes,
 )
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
 from mesh._tracing import Tracing, activate, current_trace, deactivate
@@ -86,100 +91,6 @@ _ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 _error_json = msgspec.json.Encoder().encode
 _error_decoder: Final = msgspec.json.Decoder(ErrorReply)
 _failure_decoder: Final = msgspec.json.Decoder(RemoteFailure)
-
-
-class ClientStats(msgspec.Struct, frozen=True, kw_only=True):
-    """A snapshot of a client's counters."""
-
-    published: int
-    published_bytes: int
-    received: int
-    dropped: int
-    malformed: int
-    disconnects: int
-    reconnects: int
-
-
-class Message:
-    """A received message: subject, reply subject, envelope (if any) and body."""
-
-    __slots__ = ("body", "envelope", "reply", "subject")
-
-    def __init__(
-        self, subject: str, reply: str, body: bytes | memoryview, envelope: Envelope | None
-    ) -> None:
-        self.subject = subject
-        self.reply = reply
-        self.body = body
-        self.envelope = envelope
-
-    @property
-    def data(self) -> bytes:
-        """The payload bytes (decompressed, without the envelope)."""
-        return bytes(self.body)
-
-    @property
-    def sender(self) -> str:
-        """The sending agent's name, or ``""`` for a plain NATS client."""
-        return self.envelope.sender if self.envelope is not None else ""
-
-    @property
-    def content_type(self) -> ContentType:
-        return self.envelope.content_type if self.envelope is not None else ContentType.JSON
-
-    def decode(self, type: Any = Any) -> Any:
-        """Decode the payload into ``type`` (a Struct, ``dict``, ``bytes``…).
-
-        A message from a plain NATS client is read as JSON, or as bytes when
-        ``type`` is ``bytes``. Raises :class:`MalformedMessage` if it does not fit.
-        """
-        return decode_payload(self.body, self.content_type, type, self.subject)
-
-
-Callback = Callable[[Message], Awaitable[None]]
-
-
-class Subscription:
-    """A live subscription; counts what it received and what it had to drop."""
-
-    __slots__ = ("_on_close", "_sub", "dropped", "queue", "received", "subject")
-
-    def __init__(self, subject: str, queue: str) -> None:
-        self.subject = subject
-        self.queue = queue
-        self.received = 0
-        self.dropped = 0
-        self._sub: NatsSubscription | None = None
-        self._on_close: Callable[[Subscription, int], None] | None = None
-
-    @property
-    def pending(self) -> int:
-        """Messages received and not yet handled."""
-        return self._sub.pending_msgs if self._sub is not None else 0
-
-    async def unsubscribe(self) -> None:
-        """Stop receiving at once; pending messages are discarded."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await sub.unsubscribe()
-            except nats.errors.Error as exc:
-                log.debug("unsubscribe %s: %s", self.subject, exc)
-            self._closed(sub)
-
-    async def drain(self) -> None:
-        """Stop intake, then wait until every pending message has been handled."""
-        if self._sub is not None:
-            sub, self._sub = self._sub, None
-            try:
-                await sub.drain()  # type: ignore[no-untyped-call]
-            except nats.errors.Error as exc:
-                log.debug("drain %s: %s", self.subject, exc)
-            self._closed(sub)
-
-    def _closed(self, sub: NatsSubscription) -> None:
-        if self._on_close is not None:
-            self._on_close(self, sub._id)
 
 
 class MeshClient:
@@ -675,17 +586,6 @@ class MeshClient:
                 await self._send(
                     m.reply, "", Kind.ERROR, TRACE_NONE, _error_json(failure), ContentType.JSON
                 )
-
-
-def span_attributes(msg: Message, queue: str = "") -> dict[str, Any]:
-    """The messaging attributes of a span about a received message."""
-    attributes: dict[str, Any] = {"messaging.message.body.size": len(msg.body)}
-    if msg.envelope is not None:
-        attributes["messaging.message.id"] = msg.envelope.id
-        attributes["messaging.client.id"] = msg.envelope.sender
-    if queue:
-        attributes["messaging.consumer.group.name"] = queue
-    return attributes
 
 
 def _read_reply(subject: str, reply: Msg, type_: Any) -> Any:

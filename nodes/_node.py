@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mesh import MeshClient
-from mesh._client import Message
+from mesh._message import Message
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
 
 DEFAULT_MAX_CONCURRENCY: Final = 64

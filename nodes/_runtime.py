@@ -23,8 +23,9 @@ from typing import Any, Final
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh import MeshClient
-from mesh._client import Message, Subscription, current_deadline, span_attributes
+from mesh._client import current_deadline
 from mesh._errors import MalformedMessage
+from mesh._message import Message, Subscription, span_attributes
 from mesh._tracing import activate, current_trace, deactivate
 from mesh._wire import TRACE_NONE, TRACE_UNSAMPLED
 from nodes._micro import MicroResponder
