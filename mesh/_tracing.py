@@ -20,6 +20,8 @@ import contextvars
 import logging
 import os
 import random
+import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
@@ -172,11 +174,24 @@ class Tracing:
         return span
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Flush pending spans and stop exporting (idempotent)."""
-        if self._owns_provider:
-            self._owns_provider = False
-            self.provider.force_flush(int(timeout * 1000))
-            self.provider.shutdown()
+        """Flush pending spans and stop exporting, in at most ``timeout`` seconds
+        (idempotent). An exporter still retrying an absent collector is abandoned:
+        a process must not hang on its way out for the sake of its traces.
+        """
+        if not self._owns_provider:
+            return
+        self._owns_provider = False
+        provider = self.provider
+        closed = threading.Event()
+
+        def close() -> None:
+            provider.force_flush(int(timeout * 1000))
+            provider.shutdown()
+            closed.set()
+
+        threading.Thread(target=close, name="mesh-trace-flush", daemon=True).start()
+        if not closed.wait(timeout):
+            log.warning("traces: could not flush within %gs; the rest are dropped", timeout)
 
 
 _TRACEPARENT_LEN: Final = 55
@@ -355,8 +370,11 @@ def tracing_from_env(service_name: str, environ: Mapping[str, str] | None = None
         return None
     sampler, ratio = sampler_from_env(env)
     provider = TracerProvider(
-        sampler=sampler, resource=Resource.create({"service.name": service_name})
+        sampler=sampler,
+        resource=Resource.create({"service.name": service_name}),
+        shutdown_on_exit=False,  # Tracing.shutdown flushes, with a bound
     )
+    _quiet_exporter_logs()
     provider.add_span_processor(
         BatchSpanProcessor(
             exporter,
@@ -380,3 +398,31 @@ def _positive_int(environ: Mapping[str, str], name: str, default: int) -> int:
         log.warning("%s=%r is not a positive integer; using %d", name, text, default)
         return default
     return value
+
+
+class _EveryMinute(logging.Filter):
+    """Lets one record a minute through: an absent collector is said once, not per batch."""
+
+    def __init__(self, interval: float = 60.0) -> None:
+        super().__init__()
+        self.interval = interval
+        self._last = -interval
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.interval:
+            return False
+        self._last = now
+        return True
+
+
+def _quiet_exporter_logs() -> None:
+    for name in (
+        "opentelemetry.exporter.otlp.proto.grpc.exporter",
+        "opentelemetry.exporter.otlp.proto.http.trace_exporter",
+        "opentelemetry.sdk.trace.export",
+        "opentelemetry.sdk._shared_internal",
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _EveryMinute) for f in logger.filters):
+            logger.addFilter(_EveryMinute())

@@ -8,11 +8,13 @@ variables pointing at an OTLP receiver started in the test (tests/_otlp.py).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -43,6 +45,7 @@ from mesh import MeshClient
 from mesh import _tracing as tracing_module
 from mesh._tracing import (
     Tracing,
+    _EveryMinute,
     activate,
     current_trace,
     deactivate,
@@ -648,3 +651,28 @@ def test_application_root_spans_keep_the_trace_id_ratio() -> None:
         decisions.add(span.is_recording())
         span.end()
     assert decisions == {True, False}
+
+
+def test_shutdown_gives_up_on_an_absent_collector() -> None:
+    """An exporter retrying a dead endpoint must not keep a process from exiting."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed again below: nothing listens there
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+    tracing = tracing_from_env("lonely", env)
+    assert tracing is not None
+    span, _ = tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b")
+    assert span is not None
+    span.end()
+    closer = threading.Thread(target=tracing.shutdown, kwargs={"timeout": 0.5}, daemon=True)
+    closer.start()
+    closer.join(15)
+    assert not closer.is_alive(), "shutdown hung on an unreachable collector"
+
+
+def test_exporter_complaints_are_rate_limited() -> None:
+    limit = _EveryMinute()
+    record = logging.LogRecord("x", logging.WARNING, __file__, 1, "collector down", None, None)
+    assert limit.filter(record)
+    assert not limit.filter(record)
+    assert not limit.filter(record)
