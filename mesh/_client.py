@@ -57,6 +57,7 @@ from mesh._wire import (
     decode_payload,
     encode_frame,
     encode_payload,
+    is_frame,
 )
 
 log = logging.getLogger("mesh.client")
@@ -89,7 +90,6 @@ _CONNECTION_LOST: Final = (
 )
 _ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 _error_json = msgspec.json.Encoder().encode
-_error_decoder: Final = msgspec.json.Decoder(ErrorReply)
 _failure_decoder: Final = msgspec.json.Decoder(RemoteFailure)
 
 
@@ -590,7 +590,7 @@ class MeshClient:
 
 def _read_reply(subject: str, reply: Msg, type_: Any) -> Any:
     data = reply.data
-    if data and data[0] == MAGIC:
+    if is_frame(data):
         envelope, body = decode_frame(data, subject)
         if envelope.kind is Kind.ERROR:
             try:

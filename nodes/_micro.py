@@ -109,7 +109,7 @@ class MicroResponder:
                     "last_error": s.last_error,
                     "processing_time": s.processing_ns,
                     "average_processing_time": s.processing_ns // s.requests if s.requests else 0,
-                    "data": None,
+                    "data": {"timeouts": s.timeouts},
                 }
             )
         return {**self._base("stats_response"), "started": self.started, "endpoints": endpoints}

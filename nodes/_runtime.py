@@ -69,10 +69,6 @@ class NodeRuntime:
         """Handlers running now."""
         return len(self._tasks)
 
-    @property
-    def subscriptions(self) -> list[Subscription]:
-        return list(self._subs)
-
     async def __aenter__(self) -> NodeRuntime:
         await self.start()
         return self

@@ -719,6 +719,7 @@ def test_nats_micro_discovery(nats_url: str) -> None:
             assert ok_stats["average_processing_time"] == ok_stats["processing_time"] // 3
             assert (fail_stats["num_requests"], fail_stats["num_errors"]) == (1, 1)
             assert "nope" in fail_stats["last_error"]
+            assert ok_stats["data"] == {"timeouts": 0}
 
             # Another service's name gets no answer from this node.
             with pytest.raises(nats.errors.NoRespondersError):
