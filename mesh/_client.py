@@ -418,27 +418,19 @@ class MeshClient:
             if span is not None:
                 span.end()
 
-    async def _send(
-        self,
-        subject: str,
-        reply: str,
-        kind: Kind,
-        trace: str,
-        body: bytes,
-        content_type: ContentType,
-        priority: int = 0,
+    async def _reply(
+        self, subject: str, kind: Kind, body: bytes, content_type: ContentType, trace: str
     ) -> None:
+        """Send a REPLY or ERROR frame to a requester's inbox."""
         envelope = Envelope(
             id=self.new_id(),
             sender=self.name,
             kind=kind,
             created=time.time_ns(),
-            deadline=current_deadline.get(),
-            priority=priority,
             trace=trace,
             content_type=content_type,
         )
-        await self._send_raw(subject, encode_frame(envelope, body), reply)
+        await self._send_raw(subject, encode_frame(envelope, body))
 
     async def _send_raw(
         self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None
@@ -466,13 +458,12 @@ class MeshClient:
         """
         if not msg.reply:
             return
-        if msg.envelope is None:
-            body, _ = encode_payload(value)
-            await self._send_raw(msg.reply, body)
-            return
         body, ctype = encode_payload(value)
         try:
-            await self._send(msg.reply, "", Kind.REPLY, current_trace.get(), body, ctype)
+            if msg.envelope is None:
+                await self._send_raw(msg.reply, body)
+            else:
+                await self._reply(msg.reply, Kind.REPLY, body, ctype, current_trace.get())
         except PayloadTooLarge as exc:
             await self.respond_error(msg, "PayloadTooLarge", str(exc))
 
@@ -492,8 +483,8 @@ class MeshClient:
                 },
             )
             return
-        await self._send(
-            msg.reply, "", Kind.ERROR, current_trace.get(), _error_json(failure), ContentType.JSON
+        await self._reply(
+            msg.reply, Kind.ERROR, _error_json(failure), ContentType.JSON, current_trace.get()
         )
 
     # -- receiving -----------------------------------------------------------------
@@ -583,8 +574,8 @@ class MeshClient:
         if m.reply:
             failure = RemoteFailure(type="MalformedMessage", message=str(exc), node=self.name)
             with contextlib.suppress(MeshError):
-                await self._send(
-                    m.reply, "", Kind.ERROR, TRACE_NONE, _error_json(failure), ContentType.JSON
+                await self._reply(
+                    m.reply, Kind.ERROR, _error_json(failure), ContentType.JSON, TRACE_NONE
                 )
 
 
