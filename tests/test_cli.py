@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import socket
 import sys
-import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 import typer
-from _util import arun
+from _util import arun, free_port, wait_until
 
 from mesh import MeshClient, Message
 from mesh._cli import app
@@ -62,9 +62,10 @@ def _argv(args: tuple[str, ...]) -> list[str]:
     return [sys.executable, "-m", "mesh", *args]
 
 
-async def spawn(*args: str) -> asyncio.subprocess.Process:
-    """Start ``mesh ARGS`` in the background, its output piped."""
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def running(*args: str) -> AsyncIterator[asyncio.subprocess.Process]:
+    """``mesh ARGS`` in the background, its output piped; killed on the way out."""
+    proc = await asyncio.create_subprocess_exec(
         *_argv(args),
         stdin=asyncio.subprocess.DEVNULL,
         stdout=asyncio.subprocess.PIPE,
@@ -72,6 +73,22 @@ async def spawn(*args: str) -> asyncio.subprocess.Process:
         env=_env(),
         cwd=REPO,
     )
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def finish(
+    proc: asyncio.subprocess.Process, sig: int | None = None, timeout: float = 30
+) -> tuple[str, str]:
+    """Signal ``proc`` (if ``sig``), wait for it to exit, and return its stdout and stderr."""
+    if sig is not None:
+        proc.send_signal(sig)
+    out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    return out.decode(), err.decode()
 
 
 async def amesh(
@@ -114,13 +131,6 @@ async def read_until(stream: asyncio.StreamReader, marker: str, timeout: float =
                 raise AssertionError(f"stream ended before {marker!r}; got:\n{seen}")
             seen += line.decode()
     return seen
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @pytest.fixture
@@ -209,23 +219,17 @@ def test_request_timeout(nats_url: str) -> None:
 
 def test_publish_while_sub_receives(nats_url: str) -> None:
     async def main() -> None:
-        sub = await spawn("sub", "tasks.>", "--count", "5", "--json", "--nats", nats_url)
-        try:
+        async with running("sub", "tasks.>", "--count", "5", "--json", "--nats", nats_url) as sub:
             assert sub.stderr is not None
-            assert sub.stdout is not None
             await read_until(sub.stderr, "listening")
             pub = await amesh(
                 "publish", "tasks.x", '{"a":1}', "--count", "5000", "--nats", nats_url, timeout=60
             )
             assert pub.code == 0, pub
             assert "published 5000 message(s) to tasks.x" in pub.err
-            out, err = await asyncio.wait_for(sub.communicate(), 30)
-        finally:
-            if sub.returncode is None:
-                sub.kill()
-                await sub.wait()
+            out, err = await finish(sub)
         assert sub.returncode == 0, err
-        lines = out.decode().splitlines()
+        lines = out.splitlines()
         assert len(lines) == 5, lines[:10]
         for line in lines:
             record = json.loads(line)
@@ -234,26 +238,21 @@ def test_publish_while_sub_receives(nats_url: str) -> None:
             assert record["kind"] == "event"
             assert record["payload"] == {"a": 1}
             assert record["id"]
-        assert "Traceback" not in err.decode()
+        assert "Traceback" not in err
 
     arun(main(), timeout=90)
 
 
 def test_sub_shows_plain_messages(nats_url: str) -> None:
     async def main() -> None:
-        sub = await spawn("sub", "plain.*", "--count", "2", "--nats", nats_url)
-        try:
+        async with running("sub", "plain.*", "--count", "2", "--nats", nats_url) as sub:
             assert sub.stderr is not None
             await read_until(sub.stderr, "listening")
             async with await MeshClient.connect(nats_url, name="teller") as client:
                 await client.publish("plain.a", {"k": "v"})
                 await client.nc.publish("plain.b", b"raw text")
-            out, _ = await asyncio.wait_for(sub.communicate(), 30)
-        finally:
-            if sub.returncode is None:
-                sub.kill()
-                await sub.wait()
-        first, second = out.decode().splitlines()
+            out, _ = await finish(sub)
+        first, second = out.splitlines()
         assert 'plain.a [teller] {"k": "v"}' in first
         assert "plain.b [-] raw text" in second
 
@@ -326,22 +325,16 @@ def test_node_run_with_a_bad_spec(dead_url: str) -> None:
 
 def test_node_run_serves_until_sigterm(nats_url: str) -> None:
     async def main() -> None:
-        proc = await spawn("node", "run", "nodes.examples.echo:node", "--nats", nats_url)
-        try:
+        async with running("node", "run", "nodes.examples.echo:node", "--nats", nats_url) as proc:
             assert proc.stderr is not None
             banner = await read_until(proc.stderr, "serving")
             assert "node echo" in banner
             assert "demo.echo" in banner
             result = await amesh("request", "demo.echo", '{"n": 1}', "--nats", nats_url)
             assert json.loads(result.out) == {"n": 1}
-            proc.send_signal(signal.SIGTERM)
-            _, err = await asyncio.wait_for(proc.communicate(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            _, err = await finish(proc, signal.SIGTERM)
         assert proc.returncode == 0, err
-        assert "Traceback" not in err.decode()
+        assert "Traceback" not in err
 
     arun(main(), timeout=60)
 
@@ -438,25 +431,9 @@ def test_server_starts_and_stops_on_sigint(tmp_path: Path) -> None:
     port = free_port()
 
     async def main() -> None:
-        proc = await asyncio.create_subprocess_exec(
-            *_argv(
-                (
-                    "server",
-                    "--port",
-                    str(port),
-                    "--monitor-port",
-                    "0",
-                    "--store-dir",
-                    str(tmp_path / "store"),
-                )
-            ),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env=_env(),
-            cwd=REPO,
-        )
-        try:
+        store = str(tmp_path / "store")
+        server = ("server", "--port", str(port), "--monitor-port", "0", "--store-dir", store)
+        async with running(*server) as proc:
             assert proc.stderr is not None
             await read_until(proc.stderr, "nats-server ready at")
             url = f"nats://127.0.0.1:{port}"
@@ -468,24 +445,18 @@ def test_server_starts_and_stops_on_sigint(tmp_path: Path) -> None:
 
                 await client.subscribe("ping.x", answer)
                 assert await client.request("ping.x", {}) == "pong"
-            proc.send_signal(signal.SIGINT)
-            _, err = await asyncio.wait_for(proc.communicate(), 20)
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
+            _, err = await finish(proc, signal.SIGINT)
         assert proc.returncode == 0, err
-        assert "Traceback" not in err.decode()
+        assert "Traceback" not in err
 
     arun(main(), timeout=60)
+
     # The server is really gone: its port is free again.
-    deadline = time.monotonic() + 10
-    while True:
+    def port_closed() -> bool:
         with socket.socket() as sock:
-            if sock.connect_ex(("127.0.0.1", port)) != 0:
-                break
-        assert time.monotonic() < deadline, "nats-server still listening after SIGINT"
-        time.sleep(0.1)
+            return sock.connect_ex(("127.0.0.1", port)) != 0
+
+    assert wait_until(port_closed, 10), "nats-server still listening after SIGINT"
 
 
 def test_server_on_a_busy_port(nats_server: NatsServer) -> None:

@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats
 import pytest
-from _util import arun
+from _util import arun, eventually, free_port
 
 from mesh import (
     ClientClosed,
@@ -38,15 +35,6 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     n: int = 0
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait until ``condition()`` is true; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
 class Inbox:
     """A subscription callback that keeps what it receives."""
 
@@ -61,13 +49,6 @@ class Inbox:
     async def wait(self, n: int = 1, timeout: float = 5.0) -> list[Message]:
         await eventually(lambda: len(self.messages) >= n, timeout)
         return self.messages
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 # ------------------------------------------------------------------ round trips
@@ -650,11 +631,13 @@ def test_reconnects_after_a_server_restart(nats_server: NatsServer) -> None:
             await eventually(lambda: client.connected and client.stats().reconnects >= 1, 15)
             assert client.stats().disconnects >= 1
             async with await MeshClient.connect(url, name="prober") as prober:
-                deadline = time.monotonic() + 10
-                while not inbox.messages:
-                    assert time.monotonic() < deadline, "the subscription never came back"
+
+                async def came_back() -> bool:
                     await prober.publish("after.restart", {"hello": "again"})
-                    await asyncio.sleep(0.1)
+                    await prober.flush()
+                    return bool(inbox.messages)
+
+                await eventually(came_back, 10, 0.1, "the subscription never came back")
             assert inbox.messages[0].decode() == {"hello": "again"}
             assert inbox.messages[0].sender == "prober"
 

@@ -3,12 +3,10 @@ interrupts it until the client reconnects to another member."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import pytest
-from _util import arun
+from _util import arun, retrying
 
 from mesh import MeshClient, NoResponders, RequestTimeout
 from mesh._cluster import NatsCluster
@@ -17,14 +15,11 @@ from nodes import Node, NodeRuntime
 
 async def answered(client: MeshClient, subject: str, timeout: float) -> Any:
     """The first successful reply, retrying through the failover; fails after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await client.request(subject, {"n": 1}, timeout=1)
-        except (NoResponders, RequestTimeout):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+    return await retrying(
+        lambda: client.request(subject, {"n": 1}, timeout=1),
+        (NoResponders, RequestTimeout),
+        timeout,
+    )
 
 
 @pytest.mark.cluster

@@ -12,14 +12,13 @@ import sys
 import textwrap
 import time
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import nats.errors
 import pytest
-from _util import arun
+from _util import arun, eventually, retrying
 
 from mesh import MeshClient, NoResponders, RemoteError, RequestTimeout
 from mesh._client import _read_reply
@@ -41,24 +40,13 @@ class Summary(msgspec.Struct, frozen=True, kw_only=True):
     words: int
 
 
-async def eventually(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"condition not met within {timeout}s")
-        await asyncio.sleep(0.02)
-
-
 async def wait_for_responder(client: MeshClient, subject: str, timeout: float = 15.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            await client.request(subject, {"ping": True}, timeout=1)
-            return
-        except (NoResponders, RequestTimeout):
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.05)
+    await retrying(
+        lambda: client.request(subject, {"ping": True}, timeout=1),
+        (NoResponders, RequestTimeout),
+        timeout,
+        interval=0.05,
+    )
 
 
 def spawn_node(url: str, spec: str, cwd: Path = REPO) -> subprocess.Popen[bytes]:
@@ -641,20 +629,26 @@ def test_killed_node_disappears_within_the_ttl(nats_url: str) -> None:
         async def main() -> None:
             async with await MeshClient.connect(nats_url, name="observer") as client:
                 await wait_for_responder(client, "demo.echo")
-                deadline = time.monotonic() + 10
-                while not (found := await list_nodes(client)):  # registers after subscribing
-                    assert time.monotonic() < deadline, "the node never registered"
-                    await asyncio.sleep(0.05)
+                found: list[Any] = []
+
+                async def registered() -> bool:  # registers after subscribing
+                    found[:] = await list_nodes(client)
+                    return bool(found)
+
+                await eventually(registered, 10, message="the node never registered")
                 (info,) = found
                 assert info.name == "echo"
                 assert info.pid == proc.pid
                 assert info.subjects == ["demo.echo"]
                 proc.send_signal(signal.SIGKILL)
                 await asyncio.to_thread(proc.wait, 10)
-                deadline = time.monotonic() + TTL + HEARTBEAT + 5
-                while await list_nodes(client):
-                    assert time.monotonic() < deadline, "a killed node is still listed"
-                    await asyncio.sleep(0.25)
+
+                async def unlisted() -> bool:
+                    return not await list_nodes(client)
+
+                await eventually(
+                    unlisted, TTL + HEARTBEAT + 5, 0.25, "a killed node is still listed"
+                )
 
         arun(main(), timeout=40)
     finally:

@@ -10,14 +10,13 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import nats
 import nats.errors
 import pytest
-from _util import arun
+from _util import arun, eventually, retrying, wait_until
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
@@ -41,15 +40,6 @@ def _proc_state(pid: int) -> str | None:
 def _gone(pid: int) -> bool:
     # A zombie whose new parent does not reap it (PID 1 in some containers) has exited too.
     return _proc_state(pid) in (None, "Z")
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        time.sleep(0.05)
-    return True
 
 
 def _varz(server: NatsServer) -> dict[str, Any]:
@@ -203,11 +193,11 @@ def test_stop_wakes_a_paused_server() -> None:
         pid = server.pid
         assert pid is not None
         server.pause()
-        assert _wait_until(lambda: _proc_state(pid) == "T")
+        assert wait_until(lambda: _proc_state(pid) == "T")
         server.resume()
-        assert _wait_until(lambda: _proc_state(pid) != "T")
+        assert wait_until(lambda: _proc_state(pid) != "T")
         server.pause()
-        assert _wait_until(lambda: _proc_state(pid) == "T")
+        assert wait_until(lambda: _proc_state(pid) == "T")
         server.stop()
         assert _gone(pid)
         assert "Server Exiting" in server.log_tail()
@@ -231,7 +221,7 @@ def test_server_outlives_the_thread_that_started_it() -> None:
     thread.join()
     try:
         assert server.running
-        assert not _wait_until(lambda: not server.running, timeout=1)
+        assert not wait_until(lambda: not server.running, timeout=1)
     finally:
         server.stop()
 
@@ -261,7 +251,7 @@ def test_server_dies_with_its_parent() -> None:
         assert not _gone(pid)
         child.kill()  # SIGKILL: the child's own cleanup never runs
         child.wait()
-        assert _wait_until(lambda: _gone(pid), timeout=10)
+        assert wait_until(lambda: _gone(pid), timeout=10)
     finally:
         child.kill()
         child.wait()
@@ -271,14 +261,9 @@ def test_server_dies_with_its_parent() -> None:
 
 async def _publish_until_acked(js: JetStreamContext, subject: str, timeout: float) -> PubAck:
     """Publish, retrying while the client reconnects to a surviving server."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return await js.publish(subject, b"x", timeout=1)
-        except nats.errors.Error:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.1)
+    return await retrying(
+        lambda: js.publish(subject, b"x", timeout=1), (nats.errors.Error,), timeout
+    )
 
 
 @pytest.mark.cluster
@@ -303,10 +288,12 @@ def test_cluster_keeps_an_r3_stream_through_a_killed_server(nats_cluster: NatsCl
             assert (await _publish_until_acked(js, "r3.b", timeout=15)).seq == 2
 
             await asyncio.to_thread(victim.restart)
-            deadline = time.monotonic() + 20
-            while not await _replica_is_current(js, str(victim.server_name)):
-                assert time.monotonic() < deadline, "the restarted server did not catch up"
-                await asyncio.sleep(0.2)
+            await eventually(
+                lambda: _replica_is_current(js, str(victim.server_name)),
+                20,
+                0.2,
+                "the restarted server did not catch up",
+            )
             assert (await _publish_until_acked(js, "r3.c", timeout=15)).seq == 3
         finally:
             await nc.close()

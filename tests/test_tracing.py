@@ -15,7 +15,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -26,7 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from _otlp import OtlpReceiver, SpanRecord
-from _util import arun
+from _util import arun, free_port, wait_until
 from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import (
     OTLPSpanExporter as GrpcExporter,
 )
@@ -136,12 +135,13 @@ class NodeProcesses:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                 )
-        deadline = time.monotonic() + START_TIMEOUT
-        while arun(_live(self.url), timeout=10) != set(NODES):
+
+        def registered() -> bool:
             exited = {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
             assert not exited, f"node exited early {exited}:\n{self.output()}"
-            assert time.monotonic() < deadline, f"nodes not registered:\n{self.output()}"
-            time.sleep(0.1)
+            return arun(_live(self.url), timeout=10) == set(NODES)
+
+        assert wait_until(registered, START_TIMEOUT, 0.1), f"nodes not registered:\n{self.output()}"
 
     def stop(self) -> dict[str, int]:
         """SIGTERM every node (a clean shutdown) and return their exit codes."""
@@ -655,10 +655,7 @@ def test_application_root_spans_keep_the_trace_id_ratio() -> None:
 
 def test_shutdown_gives_up_on_an_absent_collector() -> None:
     """An exporter retrying a dead endpoint must not keep a process from exiting."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]  # closed again below: nothing listens there
-    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"}
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
     tracing = tracing_from_env("lonely", env)
     assert tracing is not None
     span, _ = tracing.start_outbound("publish", SpanKind.PRODUCER, "a.b")

@@ -10,15 +10,14 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
 import msgspec
 import pytest
-from _util import arun
+from _util import arun, wait_until
 
 from mesh import MeshClient, RemoteError
 from mesh._up import MAX_REPLICAS, load_mesh_file
@@ -78,15 +77,6 @@ def _with_marker(marker: str) -> list[int]:
     return found
 
 
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return condition()
-        time.sleep(0.1)
-    return True
-
-
 def _kill_marked(marker: str) -> None:
     for pid in _with_marker(marker):
         with contextlib.suppress(ProcessLookupError):
@@ -128,7 +118,7 @@ class Up:
         return self.err_path.read_text()
 
     def wait_for_output(self, text: str, timeout: float = 60) -> None:
-        _wait_until(lambda: text in self.err or self.proc.poll() is not None, timeout)
+        wait_until(lambda: text in self.err or self.proc.poll() is not None, timeout)
         assert text in self.err, f"no {text!r} from mesh up:\n{self.err}"
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 60) -> int:
@@ -190,7 +180,7 @@ def test_demo_runs_traffic_and_leaves_no_process(marker: str) -> None:
     assert re.search(r"p50 [\d.]+ms\s+p90 [\d.]+ms\s+p99 [\d.]+ms", result.stdout), output
     assert "6 processes, 0 crashed, 0 restarts" in result.stdout
     # Every process of the tree (nodes, nats-server) is gone once `mesh up` has exited.
-    assert _wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
+    assert wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
 
 
 # ------------------------------------------------------------------- mesh up FILE
@@ -218,7 +208,7 @@ def test_up_file_runs_the_nodes_until_sigint(nats_url: str, tmp_path: Path, mark
     assert "2 processes, 0 crashed, 0 restarts" in up.out
     # Nodes deregister as they drain, so they are gone from the registry at once.
     assert not [n for n in _nodes(nats_url) if n["name"] == "echo"]
-    assert _wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
+    assert wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
 
 
 @linux_only
@@ -235,13 +225,13 @@ def test_up_file_restarts_a_crashed_node(nats_url: str, tmp_path: Path, marker: 
             pids = [n["pid"] for n in _nodes(nats_url) if n["name"] == "echo"]
             return len(pids) == 1 and pids[0] != first
 
-        assert _wait_until(replaced, 60), up.err
+        assert wait_until(replaced, 60), up.err
         code = up.stop(signal.SIGTERM)
     finally:
         up.kill()
     assert code == 1, up.err  # a node crashed during the run
     assert "1 process, 1 crashed, 1 restarts" in up.out
-    assert _wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
+    assert wait_until(lambda: not _with_marker(marker), 10), _with_marker(marker)
 
 
 @pytest.mark.parametrize(
