@@ -19,7 +19,15 @@ OS) are translated at the edge, so callers catch mesh errors only::
     │   └── RemoteError                     the handler raised; carries its type and message
     ├── PublishBufferFull                   disconnected and the reconnect buffer is full
     ├── ClientClosed                        the client is closed or closing
-    └── FlushTimeout (+ TimeoutError)       the server did not confirm in time
+    ├── FlushTimeout (+ TimeoutError)       the server did not confirm in time
+    ├── JetStreamUnavailable                the server has no JetStream (policy, registry)
+    ├── PolicyError
+    │   ├── InvalidPolicy (+ ValueError)    a policy value that cannot be applied
+    │   ├── PolicyPinned                    an operator pinned the section
+    │   └── PolicyConflict                  concurrent writers kept winning the race
+    └── DictionaryError
+        ├── DictionaryNotFound              no compression dictionary with that id
+        └── DictionaryTrainingFailed        too few or too small samples to train one
 
 Each error's message says what happened and, where there is one, what to do.
 """
@@ -189,3 +197,79 @@ class FlushTimeout(MeshError, TimeoutError):
             f"the NATS server did not confirm within {timeout:g}s: the connection is "
             "down or the server is overloaded"
         )
+
+
+class JetStreamUnavailable(MeshError):
+    """The server does not offer JetStream, which the control plane's state needs."""
+
+    def __init__(self, what: str, reason: str) -> None:
+        self.what = what
+        self.reason = reason
+        super().__init__(
+            f"cannot open {what}: {reason}. The NATS server needs JetStream enabled "
+            "(`nats-server -js`; `mesh server` and `mesh up` enable it)"
+        )
+
+
+class PolicyError(MeshError):
+    """A policy value could not be written or applied."""
+
+
+class InvalidPolicy(PolicyError, ValueError):
+    """A policy value that does not decode, or names something impossible."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        self.key = key
+        self.reason = reason
+        super().__init__(f"invalid policy {key!r}: {reason}")
+
+
+class PolicyPinned(PolicyError):
+    """The section is pinned by an operator; automated writers must leave it alone."""
+
+    def __init__(self, subject: str, section: str, author: str) -> None:
+        self.subject = subject
+        self.section = section
+        self.author = author
+        super().__init__(
+            f"the {section} policy of {subject!r} is pinned by {author}; "
+            f"unpin it with `mesh policy set {subject} --unpin` first"
+        )
+
+
+class PolicyConflict(PolicyError):
+    """Other writers changed the value on every attempt to update it."""
+
+    def __init__(self, subject: str, section: str, attempts: int) -> None:
+        self.subject = subject
+        self.section = section
+        self.attempts = attempts
+        super().__init__(
+            f"the {section} policy of {subject!r} changed under us {attempts} times in a row; "
+            "another writer is busy on it, try again"
+        )
+
+
+class DictionaryError(MeshError):
+    """A compression dictionary could not be found, fetched or trained."""
+
+
+class DictionaryNotFound(DictionaryError):
+    """No dictionary with this id is stored."""
+
+    def __init__(self, dictionary: int, reason: str = "not in the dictionary store") -> None:
+        self.dictionary = dictionary
+        self.reason = reason
+        super().__init__(
+            f"compression dictionary {dictionary} is unavailable: {reason}. "
+            "Train one with `mesh policy set SUBJECT --codec zstd:3 --dict auto`"
+        )
+
+
+class DictionaryTrainingFailed(DictionaryError):
+    """Training needs more (or larger) sample messages than were available."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"cannot train a dictionary for {subject!r}: {reason}")
