@@ -43,6 +43,7 @@ from mesh._message import (
     span_attributes,
 )
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
+from mesh._telemetry import MAX_RETIRED, MAX_SUBJECTS, SentCounters
 from mesh._tracing import Tracing, activate, current_trace, deactivate
 from mesh._wire import (
     MAGIC,
@@ -79,6 +80,8 @@ DEFAULT_RECONNECT_BUFFER: Final = 8 * 1024 * 1024
 # The deadline (Unix ns, 0 for none) of the request being handled in this task.
 current_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("mesh_deadline", default=0)
 
+#: The NATS connection name of a mesh client is this prefix and its agent name.
+CONNECTION_PREFIX: Final = "mesh:"
 _ERROR_HEADER: Final = "Nats-Service-Error"
 _CLOSED: Final = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError)
 # Errors that mean "the connection dropped": the disconnect callback reports those.
@@ -107,6 +110,11 @@ class MeshClient:
         self._id_prefix = os.urandom(6).hex()
         self._id_seq = itertools.count()
         self._subs: dict[int, Subscription] = {}
+        # Telemetry: this interval's outbound counts by subject (swapped by the emitter),
+        # messages past the subject bound, and closed subscriptions not reported yet.
+        self._sent: dict[str, SentCounters] = {}
+        self._untracked = 0
+        self._retired: list[Subscription] = []
         # Counts of subscriptions already closed, so stats stay totals.
         self._closed_received = 0
         self._closed_dropped = 0
@@ -166,7 +174,9 @@ class MeshClient:
             await asyncio.wait_for(
                 nc.connect(
                     servers,
-                    name=name,
+                    # The prefix tells mesh connections from foreign ones in the server's
+                    # monitoring data (`mesh topology` lists the foreign ones).
+                    name=f"{CONNECTION_PREFIX}{name}",
                     connect_timeout=max(1, int(connect_timeout)),
                     reconnect_time_wait=0.5,  # type: ignore[arg-type]  # nats-py accepts floats
                     max_reconnect_attempts=-1,
@@ -257,12 +267,23 @@ class MeshClient:
         if self._subs.pop(sid, None) is not None:
             self._closed_received += sub.received
             self._closed_dropped += sub.dropped
+            if not sub.internal and len(self._retired) < MAX_RETIRED:
+                self._retired.append(sub)  # its last counts go in the next snapshot
+
+    def _track(self, subject: str) -> SentCounters | None:
+        """The counters of a subject not yet published to this interval (None: table full)."""
+        if len(self._sent) >= MAX_SUBJECTS:
+            self._untracked += 1
+            return None
+        counters = self._sent[subject] = SentCounters()
+        return counters
 
     def _on_error(self, exc: Exception) -> None:
         if isinstance(exc, nats.errors.SlowConsumerError):
             sub = self._subs.get(exc.sid)
             if sub is not None:
                 sub.dropped += 1
+                sub.counters.dropped += 1
             return
         if self._closed:
             return
@@ -323,6 +344,11 @@ class MeshClient:
                 raise ClientClosed() from None
             self._published += 1
             self._published_bytes += size
+            counters = self._sent.get(subject) or self._track(subject)
+            if counters is not None:
+                counters.msgs += 1
+                counters.raw += len(body)
+                counters.wire += size
         finally:
             if span is not None:
                 span.end()
@@ -396,19 +422,34 @@ class MeshClient:
             )
             frame = encode_frame(envelope, body)
             self._check_size(subject, frame)
+            counters = self._sent.get(subject) or self._track(subject)
+            if counters is not None:
+                counters.msgs += 1
+                counters.requests += 1
+                counters.raw += len(body)
+                counters.wire += len(frame)
+            started = time.perf_counter_ns()
             try:
-                reply = await self.nc.request(subject, frame, timeout=timeout)
-            except nats.errors.NoRespondersError:
-                raise NoResponders(subject) from None
-            except nats.errors.TimeoutError:
-                raise RequestTimeout(subject, timeout) from None
-            except nats.errors.OutboundBufferLimitError:
-                raise PublishBufferFull(subject, self.nc._max_pending_size) from None
-            except _CLOSED:
-                raise ClientClosed() from None
-            self._published += 1
-            self._published_bytes += len(frame)
-            return _read_reply(subject, reply, type)
+                try:
+                    reply = await self.nc.request(subject, frame, timeout=timeout)
+                except nats.errors.NoRespondersError:
+                    raise NoResponders(subject) from None
+                except nats.errors.TimeoutError:
+                    raise RequestTimeout(subject, timeout) from None
+                except nats.errors.OutboundBufferLimitError:
+                    raise PublishBufferFull(subject, self.nc._max_pending_size) from None
+                except _CLOSED:
+                    raise ClientClosed() from None
+                self._published += 1
+                self._published_bytes += len(frame)
+                result = _read_reply(subject, reply, type)
+            except MeshError:
+                if counters is not None:
+                    counters.failed += 1
+                raise
+            if counters is not None:
+                counters.record_latency(time.perf_counter_ns() - started)
+            return result
         except MeshError as exc:
             if span is not None:
                 span.set_status(Status(StatusCode.ERROR, str(exc)))
@@ -420,7 +461,7 @@ class MeshClient:
 
     async def _reply(
         self, subject: str, kind: Kind, body: bytes, content_type: ContentType, trace: str
-    ) -> None:
+    ) -> int:
         """Send a REPLY or ERROR frame to a requester's inbox."""
         envelope = Envelope(
             id=self.new_id(),
@@ -430,11 +471,12 @@ class MeshClient:
             trace=trace,
             content_type=content_type,
         )
-        await self._send_raw(subject, encode_frame(envelope, body))
+        return await self._send_raw(subject, encode_frame(envelope, body))
 
     async def _send_raw(
         self, subject: str, data: bytes, reply: str = "", headers: dict[str, str] | None = None
-    ) -> None:
+    ) -> int:
+        """Send ``data`` as it is; return its size."""
         self._check_size(subject, data)
         try:
             await self.nc.publish(subject, data, reply=reply, headers=headers)
@@ -444,6 +486,7 @@ class MeshClient:
             raise ClientClosed() from None
         self._published += 1
         self._published_bytes += len(data)
+        return len(data)
 
     def _check_size(self, subject: str, data: bytes) -> None:
         if len(data) > self.nc._max_payload:
@@ -451,30 +494,33 @@ class MeshClient:
 
     # -- replying (used by handlers) -----------------------------------------------
 
-    async def respond(self, msg: Message, value: Any) -> None:
+    async def respond(self, msg: Message, value: Any) -> int:
         """Send ``value`` as the reply to ``msg`` (a no-op if it expects none).
 
         A request from a plain NATS client gets a bare JSON (or bytes) reply.
+        Returns the bytes sent (0 when nothing was).
         """
         if not msg.reply:
-            return
+            return 0
         body, ctype = encode_payload(value)
         try:
             if msg.envelope is None:
-                await self._send_raw(msg.reply, body)
-            else:
-                await self._reply(msg.reply, Kind.REPLY, body, ctype, current_trace.get())
+                return await self._send_raw(msg.reply, body)
+            return await self._reply(msg.reply, Kind.REPLY, body, ctype, current_trace.get())
         except PayloadTooLarge as exc:
-            await self.respond_error(msg, "PayloadTooLarge", str(exc))
+            return await self.respond_error(msg, "PayloadTooLarge", str(exc))
 
-    async def respond_error(self, msg: Message, error_type: str, message: str) -> None:
-        """Reply to ``msg`` with a structured error the requester raises as RemoteError."""
+    async def respond_error(self, msg: Message, error_type: str, message: str) -> int:
+        """Reply to ``msg`` with a structured error the requester raises as RemoteError.
+
+        Returns the bytes sent (0 when nothing was).
+        """
         if not msg.reply:
-            return
+            return 0
         failure = RemoteFailure(type=error_type, message=message[:4096], node=self.name)
         if msg.envelope is None:
             # Plain clients see JSON plus the NATS micro error headers.
-            await self._send_raw(
+            return await self._send_raw(
                 msg.reply,
                 _error_json(ErrorReply(error=failure)),
                 headers={
@@ -482,8 +528,7 @@ class MeshClient:
                     _ERROR_CODE_HEADER: "500",
                 },
             )
-            return
-        await self._reply(
+        return await self._reply(
             msg.reply, Kind.ERROR, _error_json(failure), ContentType.JSON, current_trace.get()
         )
 
@@ -509,23 +554,33 @@ class MeshClient:
         """
         validate_subject(subject, wildcards=True, internal=internal)
         validate_queue_group(queue)
-        sub = Subscription(subject, queue)
+        sub = Subscription(subject, queue, internal=internal)
         tracing = self.tracing
         on_malformed = self._on_malformed
 
         async def on_msg(m: Msg) -> None:
             data = m.data
             body: bytes | memoryview
+            counters = sub.counters
             if data and data[0] == MAGIC:
                 try:
                     envelope, body = decode_frame(data, m.subject)
                 except MalformedMessage as exc:
+                    counters.decode_failed("")
                     await on_malformed(m, exc)
                     return
                 field = envelope.trace
+                sender = envelope.sender
             else:
-                envelope, body, field = None, data, TRACE_NONE
+                envelope, body, field, sender = None, data, TRACE_NONE, ""
             sub.received += 1
+            try:
+                counts = counters.senders[sender]
+            except KeyError:
+                counts = counters.add_sender(sender)
+            counts.msgs += 1
+            counts.wire += len(data)
+            counts.raw += len(body)
             msg = Message(m.subject, m.reply, body, envelope)
             if not traced:
                 await cb(msg)

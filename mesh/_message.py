@@ -10,6 +10,7 @@ import msgspec
 import nats.errors
 from nats.aio.subscription import Subscription as NatsSubscription
 
+from mesh._telemetry import ReceivedCounters
 from mesh._wire import ContentType, Envelope, decode_payload
 
 log = logging.getLogger("mesh.client")
@@ -69,13 +70,26 @@ Callback = Callable[[Message], Awaitable[None]]
 class Subscription:
     """A live subscription; counts what it received and what it had to drop."""
 
-    __slots__ = ("_on_close", "_sub", "dropped", "queue", "received", "subject")
+    __slots__ = (
+        "_on_close",
+        "_sub",
+        "counters",
+        "dropped",
+        "internal",
+        "queue",
+        "received",
+        "subject",
+    )
 
-    def __init__(self, subject: str, queue: str) -> None:
+    def __init__(self, subject: str, queue: str, *, internal: bool = False) -> None:
         self.subject = subject
         self.queue = queue
+        #: A mesh-internal subscription (telemetry, discovery): not in telemetry itself.
+        self.internal = internal
         self.received = 0
         self.dropped = 0
+        #: This interval's telemetry counts (swapped by the telemetry emitter).
+        self.counters = ReceivedCounters()
         self._sub: NatsSubscription | None = None
         self._on_close: Callable[[Subscription, int], None] | None = None
 

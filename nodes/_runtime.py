@@ -26,6 +26,7 @@ from mesh import MeshClient
 from mesh._client import current_deadline
 from mesh._errors import MalformedMessage
 from mesh._message import Message, Subscription, span_attributes
+from mesh._telemetry import DEFAULT_INTERVAL, TelemetryEmitter
 from mesh._tracing import activate, current_trace, deactivate
 from mesh._wire import TRACE_NONE, TRACE_UNSAMPLED
 from nodes._micro import MicroResponder
@@ -44,7 +45,14 @@ _SWEEP_INTERVAL: Final = 0.05
 class NodeRuntime:
     """One running instance of a node. Use as an async context manager."""
 
-    def __init__(self, node: Node, client: MeshClient, *, register: bool = True) -> None:
+    def __init__(
+        self,
+        node: Node,
+        client: MeshClient,
+        *,
+        register: bool = True,
+        telemetry_interval: float = DEFAULT_INTERVAL,
+    ) -> None:
         self.node = node
         self.client = client
         self.instance = secrets.token_hex(11)  # 22 characters, like a NATS micro id
@@ -59,6 +67,16 @@ class NodeRuntime:
         self._expired: set[asyncio.Task[None]] = set()
         self._has_deadlines = asyncio.Event()
         self._subs: list[Subscription] = []
+        self._index: dict[int, int] = {}  # id(subscription) -> handler index
+        self._inflight = [0] * len(node.handlers)  # handler calls running, by handler
+        self._telemetry = TelemetryEmitter(
+            client,
+            agent=node.name,
+            instance=self.instance,
+            interval=telemetry_interval,
+            max_concurrency=node.max_concurrency,
+            inflight=self._inflight_of,
+        )
         self._micro = MicroResponder(node, self.instance, client, self.started)
         self._registration: Registration | None = None
         self._closed = False
@@ -68,6 +86,10 @@ class NodeRuntime:
     def inflight(self) -> int:
         """Handlers running now."""
         return len(self._tasks)
+
+    def _inflight_of(self, sub: Subscription) -> int:
+        index = self._index.get(id(sub))
+        return self._inflight[index] if index is not None else 0
 
     async def __aenter__(self) -> NodeRuntime:
         await self.start()
@@ -81,14 +103,16 @@ class NodeRuntime:
         loop = asyncio.get_running_loop()
         try:
             self._sweeper = loop.create_task(self._sweep(), name=f"{self.node.name}-timeouts")
-            for handler in self.node.handlers:
+            for index, handler in enumerate(self.node.handlers):
                 sub = await self.client.subscribe(
                     handler.subject,
-                    self._dispatcher(handler, loop),
+                    self._dispatcher(handler, index, loop),
                     queue=handler.queue,
                     traced=False,
                 )
                 self._subs.append(sub)
+                self._index[id(sub)] = index
+            self._telemetry.start()
             await self._micro.start()
             if self._register:
                 self._registration = Registration(
@@ -127,6 +151,7 @@ class NodeRuntime:
         finally:
             if self._sweeper is not None:
                 await self._cancel({self._sweeper})
+            await self._telemetry.aclose()  # the last interval's counts, drain included
             await self._micro.aclose()
             if self._registration is not None:
                 await self._registration.aclose()
@@ -143,7 +168,7 @@ class NodeRuntime:
         if pending:
             await asyncio.wait(pending, timeout=_REFUSE_TIMEOUT)
 
-    def _dispatcher(self, handler: Handler, loop: asyncio.AbstractEventLoop) -> Any:
+    def _dispatcher(self, handler: Handler, index: int, loop: asyncio.AbstractEventLoop) -> Any:
         slots = self._slots
         tasks = self._tasks
         run = self._run
@@ -157,7 +182,7 @@ class NodeRuntime:
                 )
                 return
             # A task of its own: the handler's context variables die with it.
-            task = loop.create_task(run(handler, msg))
+            task = loop.create_task(run(handler, index, msg))
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
@@ -189,7 +214,7 @@ class NodeRuntime:
             raise asyncio.CancelledError
         return True
 
-    async def _run(self, handler: Handler, msg: Message) -> None:
+    async def _run(self, handler: Handler, index: int, msg: Message) -> None:
         me = asyncio.current_task()
         assert me is not None
         client = self.client
@@ -218,6 +243,9 @@ class NodeRuntime:
         timeout = handler.timeout or self.node.handler_timeout
         if deadline_ns:
             timeout = min(timeout, (deadline_ns - time.time_ns()) / _NS)
+        errors_before, timeouts_before = stats.errors, stats.timeouts
+        sent = 0  # reply bytes
+        self._inflight[index] += 1
         try:
             stats.requests += 1
             if timeout <= 0:
@@ -225,7 +253,7 @@ class NodeRuntime:
                 stats.timeouts += 1
                 stats.errors += 1
                 stats.last_error = "DeadlineExceeded: the deadline passed before handling"
-                await client.respond_error(
+                sent = await client.respond_error(
                     msg, "DeadlineExceeded", "the request's deadline passed before it was handled"
                 )
                 return
@@ -233,7 +261,7 @@ class NodeRuntime:
                 payload = msg.decode(handler.input_type)
             except MalformedMessage as exc:
                 self._record_error(handler, exc, span)
-                await client.respond_error(msg, "MalformedMessage", str(exc))
+                sent = await client.respond_error(msg, "MalformedMessage", str(exc))
                 return
             args = (
                 (payload, Context(self.node.name, msg, client))
@@ -267,33 +295,48 @@ class NodeRuntime:
             if expired:
                 stats.timeouts += 1
                 self._record_error(handler, failure, span, f"handler timed out after {timeout:g}s")
-                await client.respond_error(
+                sent = await client.respond_error(
                     msg, "HandlerTimeout", f"{handler.name} did not finish within {timeout:g}s"
                 )
             elif failure is not None:
                 log.error("handler %s failed on %s", handler.name, msg.subject, exc_info=failure)
                 self._record_error(handler, failure, span)
-                await self._reply_failure(msg, type(failure).__name__, str(failure))
+                sent = await self._reply_failure(msg, type(failure).__name__, str(failure))
             else:
-                await client.respond(msg, result)
+                sent = await client.respond(msg, result)
         except asyncio.CancelledError:
-            await self._reply_failure(msg, "Cancelled", "the node shut down before finishing")
+            sent = await self._reply_failure(
+                msg, "Cancelled", "the node shut down before finishing"
+            )
             raise
         except Exception as exc:  # sending the reply failed
             log.warning("could not reply on %s: %s", msg.subject, exc)
         finally:
-            stats.processing_ns += time.perf_counter_ns() - started
+            elapsed = time.perf_counter_ns() - started
+            stats.processing_ns += elapsed
+            self._inflight[index] -= 1
+            counters = self._subs[index].counters if index < len(self._subs) else None
+            if counters is not None:
+                counters.handler_done(
+                    elapsed,
+                    error=stats.errors > errors_before,
+                    timeout=stats.timeouts > timeouts_before,
+                )
+                if sent:
+                    counters.replies += 1
+                    counters.reply_bytes += sent
             self._slots.release()
             if tokens is not None:
                 deactivate(tokens)
             if span is not None:
                 span.end()
 
-    async def _reply_failure(self, msg: Message, error_type: str, message: str) -> None:
+    async def _reply_failure(self, msg: Message, error_type: str, message: str) -> int:
         try:
-            await self.client.respond_error(msg, error_type, message)
+            return await self.client.respond_error(msg, error_type, message)
         except Exception as exc:  # the connection may be gone; the requester times out
             log.warning("could not send the error reply on %s: %s", msg.subject, exc)
+            return 0
 
     @staticmethod
     def _record_error(
