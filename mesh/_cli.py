@@ -451,6 +451,12 @@ _up.register(app)
 from mesh import _bench  # noqa: E402
 
 _bench.register(app)
+from mesh import _inspect  # noqa: E402
+
+_inspect.register(app)
+from mesh import _policy_cli  # noqa: E402
+
+_policy_cli.register(app)
 
 
 def main() -> None:

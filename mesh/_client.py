@@ -23,6 +23,8 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mesh._codec import CodecEngine
+from mesh._dictionaries import DictionaryStore
 from mesh._errors import (
     ClientClosed,
     ConnectionFailed,
@@ -43,12 +45,14 @@ from mesh._message import (
     span_attributes,
 )
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
+from mesh._policy import PolicyTable
 from mesh._telemetry import MAX_RETIRED, MAX_SUBJECTS, SentCounters
 from mesh._tracing import Tracing, activate, current_trace, deactivate
 from mesh._wire import (
     MAGIC,
     TRACE_NONE,
     TRACE_UNSAMPLED,
+    Codec,
     ContentType,
     Envelope,
     ErrorReply,
@@ -115,6 +119,11 @@ class MeshClient:
         self._sent: dict[str, SentCounters] = {}
         self._untracked = 0
         self._retired: list[Subscription] = []
+        #: The per-subject policy in force (a node's policy watcher fills it); None: none.
+        self.policy: PolicyTable | None = None
+        #: Compression: bodies are encoded by policy; dictionaries come from the store,
+        #: opened on first need.
+        self.codec = CodecEngine(DictionaryStore(nc.jetstream(timeout=5), None))
         # Counts of subscriptions already closed, so stats stay totals.
         self._closed_received = 0
         self._closed_dropped = 0
@@ -313,6 +322,13 @@ class MeshClient:
             body, ctype = payload, ContentType.BYTES
         else:
             body, ctype = encode_payload(payload, content_type)
+        raw = len(body)
+        codec, dictionary, level = Codec.NONE, 0, 0
+        table = self.policy
+        if table is not None:
+            policy = table.codec_for(subject)
+            if policy is not None:
+                body, codec, dictionary, level = self.codec.encode(body, policy)
         tracing = self.tracing
         if tracing is None:
             span = None
@@ -328,7 +344,10 @@ class MeshClient:
                     # No deadline: an event outlives the request that caused it.
                     priority=priority,
                     trace=field,
+                    codec=codec,
                     content_type=ctype,
+                    dictionary=dictionary,
+                    level=level,
                 ),
                 body,
             )
@@ -347,8 +366,10 @@ class MeshClient:
             counters = self._sent.get(subject) or self._track(subject)
             if counters is not None:
                 counters.msgs += 1
-                counters.raw += len(body)
+                counters.raw += raw
                 counters.wire += size
+                if codec:
+                    counters.compressed += 1
         finally:
             if span is not None:
                 span.end()
@@ -398,6 +419,8 @@ class MeshClient:
                 f"timeout must be between 0 and {MAX_TIMEOUT:g} seconds, not {timeout}"
             )
         body, ctype = encode_payload(payload, content_type)
+        raw = len(body)
+        body, codec, dictionary, level = self._compress(subject, body)
         now = time.time_ns()
         deadline = now + int(timeout * 1e9)
         inherited = current_deadline.get()
@@ -418,7 +441,10 @@ class MeshClient:
                 deadline=deadline,
                 priority=priority,
                 trace=field,
+                codec=codec,
                 content_type=ctype,
+                dictionary=dictionary,
+                level=level,
             )
             frame = encode_frame(envelope, body)
             self._check_size(subject, frame)
@@ -426,8 +452,10 @@ class MeshClient:
             if counters is not None:
                 counters.msgs += 1
                 counters.requests += 1
-                counters.raw += len(body)
+                counters.raw += raw
                 counters.wire += len(frame)
+                if codec:
+                    counters.compressed += 1
             started = time.perf_counter_ns()
             try:
                 try:
@@ -442,7 +470,7 @@ class MeshClient:
                     raise ClientClosed() from None
                 self._published += 1
                 self._published_bytes += len(frame)
-                result = _read_reply(subject, reply, type)
+                result = await self._read_reply(subject, reply, type)
             except MeshError:
                 if counters is not None:
                     counters.failed += 1
@@ -459,17 +487,42 @@ class MeshClient:
             if span is not None:
                 span.end()
 
+    def _compress(self, subject: str, body: bytes) -> tuple[bytes, Codec, int, int]:
+        """``body`` encoded by ``subject``'s codec policy: (body, codec, dictionary, level)."""
+        table = self.policy
+        if table is not None:
+            policy = table.codec_for(subject)
+            if policy is not None:
+                return self.codec.encode(body, policy)
+        return body, Codec.NONE, 0, 0
+
     async def _reply(
-        self, subject: str, kind: Kind, body: bytes, content_type: ContentType, trace: str
+        self,
+        subject: str,
+        kind: Kind,
+        body: bytes,
+        content_type: ContentType,
+        trace: str,
+        policy_subject: str = "",
     ) -> int:
-        """Send a REPLY or ERROR frame to a requester's inbox."""
+        """Send a REPLY or ERROR frame to a requester's inbox.
+
+        The body is compressed by the codec policy of ``policy_subject`` (the request's
+        subject), when given.
+        """
+        codec, dictionary, level = Codec.NONE, 0, 0
+        if policy_subject:
+            body, codec, dictionary, level = self._compress(policy_subject, body)
         envelope = Envelope(
             id=self.new_id(),
             sender=self.name,
             kind=kind,
             created=time.time_ns(),
             trace=trace,
+            codec=codec,
             content_type=content_type,
+            dictionary=dictionary,
+            level=level,
         )
         return await self._send_raw(subject, encode_frame(envelope, body))
 
@@ -506,7 +559,9 @@ class MeshClient:
         try:
             if msg.envelope is None:
                 return await self._send_raw(msg.reply, body)
-            return await self._reply(msg.reply, Kind.REPLY, body, ctype, current_trace.get())
+            return await self._reply(
+                msg.reply, Kind.REPLY, body, ctype, current_trace.get(), msg.subject
+            )
         except PayloadTooLarge as exc:
             return await self.respond_error(msg, "PayloadTooLarge", str(exc))
 
@@ -557,6 +612,7 @@ class MeshClient:
         sub = Subscription(subject, queue, internal=internal)
         tracing = self.tracing
         on_malformed = self._on_malformed
+        decompress = self.codec.decode
 
         async def on_msg(m: Msg) -> None:
             data = m.data
@@ -571,6 +627,15 @@ class MeshClient:
                     return
                 field = envelope.trace
                 sender = envelope.sender
+                if envelope.codec:
+                    try:
+                        body = await decompress(body, envelope, m.subject)
+                    except MalformedMessage as exc:
+                        counters.decode_failed(sender)
+                        await on_malformed(m, exc)
+                        return
+                    # The message handed on describes the body it carries: plain.
+                    envelope = msgspec.structs.replace(envelope, codec=Codec.NONE, dictionary=0)
             else:
                 envelope, body, field, sender = None, data, TRACE_NONE, ""
             sub.received += 1
@@ -623,6 +688,33 @@ class MeshClient:
         sub._on_close = self._forget
         return sub
 
+    async def _read_reply(self, subject: str, reply: Msg, type_: Any) -> Any:
+        data = reply.data
+        if is_frame(data):
+            body: bytes | memoryview
+            envelope, body = decode_frame(data, subject)
+            if envelope.codec:
+                body = await self.codec.decode(body, envelope, subject)
+            if envelope.kind is Kind.ERROR:
+                try:
+                    failure = _failure_decoder.decode(body)
+                except (msgspec.DecodeError, ValueError) as exc:
+                    raise MalformedMessage(subject, f"unreadable error reply: {exc}") from None
+                raise RemoteError(subject, failure.type, failure.message, failure.node)
+            return decode_payload(body, envelope.content_type, type_, subject)
+        headers = reply.headers
+        if headers and _ERROR_HEADER in headers:
+            # A NATS micro service error: the header holds the message, the code a status.
+            code = headers.get(_ERROR_CODE_HEADER, "")
+            error_type = f"ServiceError {code}".strip()
+            raise RemoteError(subject, error_type, headers[_ERROR_HEADER])
+        if type_ is Any:
+            try:
+                return decode_payload(data, ContentType.JSON, Any, subject)
+            except MalformedMessage:
+                return bytes(data)
+        return decode_payload(data, ContentType.JSON, type_, subject)
+
     async def _on_malformed(self, m: Msg, exc: MalformedMessage) -> None:
         self._malformed += 1
         log.debug("%s", exc)
@@ -632,31 +724,6 @@ class MeshClient:
                 await self._reply(
                     m.reply, Kind.ERROR, _error_json(failure), ContentType.JSON, TRACE_NONE
                 )
-
-
-def _read_reply(subject: str, reply: Msg, type_: Any) -> Any:
-    data = reply.data
-    if is_frame(data):
-        envelope, body = decode_frame(data, subject)
-        if envelope.kind is Kind.ERROR:
-            try:
-                failure = _failure_decoder.decode(body)
-            except (msgspec.DecodeError, ValueError) as exc:
-                raise MalformedMessage(subject, f"unreadable error reply: {exc}") from None
-            raise RemoteError(subject, failure.type, failure.message, failure.node)
-        return decode_payload(body, envelope.content_type, type_, subject)
-    headers = reply.headers
-    if headers and _ERROR_HEADER in headers:
-        # A NATS micro service error: the header holds the message, the code a status.
-        code = headers.get(_ERROR_CODE_HEADER, "")
-        error_type = f"ServiceError {code}".strip()
-        raise RemoteError(subject, error_type, headers[_ERROR_HEADER])
-    if type_ is Any:
-        try:
-            return decode_payload(data, ContentType.JSON, Any, subject)
-        except MalformedMessage:
-            return bytes(data)
-    return decode_payload(data, ContentType.JSON, type_, subject)
 
 
 def _describe(exc: BaseException) -> str:

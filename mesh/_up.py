@@ -49,6 +49,7 @@ from mesh._fleet import (
     Shutdown,
     _count,
 )
+from mesh._telemetry import TelemetryEmitter
 from topology import LatencyHistogram
 
 if TYPE_CHECKING:
@@ -169,7 +170,8 @@ def embedded_server_for(url: str) -> NatsServer:
         port = parts.port or 0
     except ValueError:
         raise MeshFileError(f"nats = {url!r} has an invalid port") from None
-    return NatsServer(host=parts.hostname or "127.0.0.1", port=port, monitor_port=None)
+    # Monitoring on a free loopback port: `mesh topology` learns foreign clients from it.
+    return NatsServer(host=parts.hostname or "127.0.0.1", port=port, monitor_port=0)
 
 
 # ------------------------------------------------------------------- demo traffic
@@ -379,6 +381,9 @@ async def run_up(
                 console.say(f"nats-server ready at {url}")
             client = await MeshClient.connect(url, name="mesh-up", tracing=tracing)
             stack.push_async_callback(client.aclose, 5.0)
+            # The demo's task source shows in `mesh topology` like any agent.
+            telemetry = TelemetryEmitter(client, agent="mesh-up", instance=client.new_id())
+            await stack.enter_async_context(telemetry)
             fleet = await stack.enter_async_context(NodeFleet(nodes, url, console, verbose=verbose))
             await fleet.start()
             listing = ", ".join(f"{spec} ×{n}" for spec, n in nodes)
@@ -387,6 +392,7 @@ async def run_up(
                 console.say("interrupted before the nodes were ready")
                 return EXIT_INTERRUPTED
             console.say(f"all {_count(len(fleet.replicas), 'node')} registered on {url}")
+            console.say(_inspect_hint(url, server))
             if demo:
                 console.say(_traces_hint())
                 traffic = Traffic(client, rate)
@@ -418,6 +424,13 @@ async def run_up(
     if traffic is not None and traffic.sent and not traffic.done:
         return 1
     return 0
+
+
+def _inspect_hint(url: str, server: NatsServer | None) -> str:
+    env = f"MESH_NATS_URL={url}"
+    if server is not None and server.monitor_url:
+        env += f" MESH_NATS_MONITOR={server.monitor_url}"
+    return f"inspect: {env} mesh topology --watch   (or mesh stats, mesh policy ls)"
 
 
 def _traces_hint() -> str:

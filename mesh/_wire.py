@@ -11,6 +11,13 @@ message not starting with it is handled as a bare payload. The header is the
 fields are only ever appended, with defaults). The body is the user's payload
 bytes, untouched: a hop that only routes a message never decodes it.
 
+When the subject's policy compresses (see :mod:`mesh._codec`), ``codec`` is
+:attr:`Codec.ZSTD` and the body is one zstd frame that carries its content size,
+a checksum and the id of the trained dictionary it needs (``dictionary``, 0 for
+none; it must equal the frame's own dictionary id). ``level`` is informational:
+the zstd level the sender used. Both fields were appended after the first
+release, so frames from older senders (which lack them) decode with 0.
+
 NATS headers are not used on the hot path: in nats-py one header costs about a
 third of pub/sub throughput.
 """
@@ -53,6 +60,7 @@ class Codec(enum.IntEnum):
     """How the body is compressed on the wire (set per subject by policy)."""
 
     NONE = 0
+    ZSTD = 1
 
 
 # Trace field values besides a W3C ``traceparent``.
@@ -81,6 +89,9 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, kw_only=True, gc=Fa
     trace: str = TRACE_NONE
     codec: Codec = Codec.NONE
     content_type: ContentType = ContentType.JSON
+    # Appended fields (older frames end before them): see the module docstring.
+    dictionary: int = 0
+    level: int = 0
 
 
 class RemoteFailure(msgspec.Struct, frozen=True, kw_only=True):

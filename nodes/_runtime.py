@@ -24,6 +24,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from mesh import MeshClient
 from mesh._client import current_deadline
+from mesh._enforcer import PolicyEnforcer
 from mesh._errors import MalformedMessage
 from mesh._message import Message, Subscription, span_attributes
 from mesh._telemetry import DEFAULT_INTERVAL, TelemetryEmitter
@@ -69,6 +70,7 @@ class NodeRuntime:
         self._subs: list[Subscription] = []
         self._index: dict[int, int] = {}  # id(subscription) -> handler index
         self._inflight = [0] * len(node.handlers)  # handler calls running, by handler
+        self._enforcer = PolicyEnforcer(client, agent=node.name, instance=self.instance)
         self._telemetry = TelemetryEmitter(
             client,
             agent=node.name,
@@ -76,6 +78,7 @@ class NodeRuntime:
             interval=telemetry_interval,
             max_concurrency=node.max_concurrency,
             inflight=self._inflight_of,
+            policy=self._enforcer.telemetry,
         )
         self._micro = MicroResponder(node, self.instance, client, self.started)
         self._registration: Registration | None = None
@@ -103,6 +106,8 @@ class NodeRuntime:
         loop = asyncio.get_running_loop()
         try:
             self._sweeper = loop.create_task(self._sweep(), name=f"{self.node.name}-timeouts")
+            # Policy first: the first message out already follows it.
+            await self._enforcer.start()
             for index, handler in enumerate(self.node.handlers):
                 sub = await self.client.subscribe(
                     handler.subject,
@@ -152,6 +157,7 @@ class NodeRuntime:
             if self._sweeper is not None:
                 await self._cancel({self._sweeper})
             await self._telemetry.aclose()  # the last interval's counts, drain included
+            await self._enforcer.aclose()
             await self._micro.aclose()
             if self._registration is not None:
                 await self._registration.aclose()

@@ -600,10 +600,8 @@ def test_malformed_frames_are_counted_answered_and_survived(nats_url: str) -> No
             # A mesh requester whose frame is garbage gets a RemoteError.
             async with await MeshClient.connect(nats_url, name="asker") as asker:
                 raw = await asker.nc.request("work.items", b"\xc1\x01\xff\xff", timeout=5)
-                from mesh._client import _read_reply
-
                 with pytest.raises(RemoteError) as info:
-                    _read_reply("work.items", raw, Any)
+                    await asker._read_reply("work.items", raw, Any)
                 assert info.value.error_type == "MalformedMessage"
                 # ...and the subscription keeps working.
                 assert await asker.request("work.items", {"fine": 1}) == {"ok": True}

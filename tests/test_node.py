@@ -21,7 +21,6 @@ import pytest
 from _util import arun, eventually, retrying
 
 from mesh import MeshClient, NoResponders, RemoteError, RequestTimeout
-from mesh._client import _read_reply
 from mesh._errors import AppNotFound, InvalidName
 from mesh._wire import Envelope, Kind, encode_frame
 from nodes import Context, Node, NodeRuntime, list_nodes, load_node
@@ -332,7 +331,7 @@ def test_deadline_already_passed(nats_url: str) -> None:
                 "punctual.task", encode_frame(envelope, b'{"x": 1}'), timeout=5
             )
             with pytest.raises(RemoteError) as info:
-                _read_reply("punctual.task", raw, Any)
+                await server._read_reply("punctual.task", raw, Any)
             assert info.value.error_type == "DeadlineExceeded"
             assert calls == []
             stats = node.handlers[0].stats

@@ -1,0 +1,100 @@
+"""A client obeying the policy plane: watch the bucket, prepare, apply, acknowledge.
+
+:class:`PolicyEnforcer` gives a client a :class:`~mesh._policy.PolicyTable` fed by a
+:class:`~mesh._policy_watch.PolicyWatcher`. Before a codec value is applied its
+dictionary is fetched (a value whose dictionary cannot be had is refused and counted,
+and the last good value stays). Every applied or removed value is announced on
+``_MESH.policy.applied.<instance>``, which is how ``mesh policy set`` and
+``mesh bench policy`` know when every node has it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Final
+
+import msgspec
+
+from mesh._client import MeshClient
+from mesh._policy import PolicyRecord, PolicyTable
+from mesh._policy_watch import PolicyWatcher
+
+log = logging.getLogger("mesh.policy")
+
+#: Subject prefix of apply acknowledgements; the instance id is the last token.
+APPLIED_SUBJECT: Final = "_MESH.policy.applied"
+
+
+class PolicyApplied(msgspec.Struct, frozen=True, kw_only=True):
+    """One instance saying it now enforces ``version`` of ``key`` (0: the key was removed)."""
+
+    instance: str
+    agent: str
+    key: str
+    version: int
+    #: Unix ns when the value took effect on the instance.
+    time: int
+
+
+encode_applied = msgspec.msgpack.Encoder().encode
+_applied_decoder: Final = msgspec.msgpack.Decoder(PolicyApplied)
+
+
+def decode_applied(data: bytes) -> PolicyApplied:
+    """Decode an acknowledgement; ``msgspec.DecodeError``/``ValueError`` if malformed."""
+    return _applied_decoder.decode(data)
+
+
+class PolicyEnforcer:
+    """Keeps ``client.policy`` in step with the policy bucket. An async context manager."""
+
+    def __init__(self, client: MeshClient, *, agent: str, instance: str) -> None:
+        self.client = client
+        self.agent = agent
+        self.instance = instance
+        self.table = PolicyTable()
+        self.watcher = PolicyWatcher(
+            client, self.table, prepare=self._prepare, on_applied=self._on_applied
+        )
+        self._subject = f"{APPLIED_SUBJECT}.{instance}"
+        self._reported_rejections = 0
+
+    async def __aenter__(self) -> PolicyEnforcer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Install the table on the client and load the current policy (bounded wait)."""
+        self.client.policy = self.table
+        await self.watcher.start()
+
+    async def aclose(self) -> None:
+        """Stop watching; the client keeps the last policy it had (idempotent)."""
+        await self.watcher.aclose()
+
+    def telemetry(self) -> tuple[dict[str, int], int]:
+        """Versions in force, and values refused since the last call (for snapshots)."""
+        stats = self.watcher.stats()
+        rejected = stats.rejected_stale + stats.rejected_malformed + stats.prepare_failed
+        fresh, self._reported_rejections = rejected - self._reported_rejections, rejected
+        return self.table.versions(), fresh
+
+    async def _prepare(self, record: PolicyRecord) -> None:
+        await self.client.codec.prepare(record.value)
+
+    async def _on_applied(self, record: PolicyRecord | None, key: str) -> None:
+        ack = PolicyApplied(
+            instance=self.instance,
+            agent=self.agent,
+            key=key,
+            version=record.version if record is not None else 0,
+            time=time.time_ns(),
+        )
+        try:
+            await self.client._send_raw(self._subject, encode_applied(ack))
+        except Exception as exc:  # an acknowledgement is a courtesy; the policy holds
+            log.debug("policy acknowledgement for %s not sent: %s", key, exc)
