@@ -23,9 +23,9 @@ from typing import Annotated, Final
 import msgspec
 import typer
 
+from mesh._bench_report import percentile
 from mesh._client import MeshClient
-from mesh._enforcer import APPLIED_SUBJECT, decode_applied
-from mesh._message import Message
+from mesh._enforcer import APPLIED_SUBJECT, AppliedTracker
 from mesh._policy import CodecPolicy, policy_key
 from mesh._policy_store import PolicyStore
 from nodes import Node
@@ -57,12 +57,8 @@ class PolicyBenchResult(msgspec.Struct, frozen=True, kw_only=True):
     goal_p99_ms: float = GOAL_P99_MS
 
 
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = max(1, min(len(ordered), round(q * len(ordered) + 0.5)))
-    return ordered[rank - 1]
+def _pct(values: list[float], q: float) -> float:
+    return percentile(sorted(values), q) if values else float("nan")
 
 
 def format_result(result: PolicyBenchResult) -> str:
@@ -70,12 +66,12 @@ def format_result(result: PolicyBenchResult) -> str:
     each = result.apply_ms
     lines = [
         f"policy propagation: {result.nodes} node processes, {result.rounds} rounds",
-        f"  every node applied (per round)  p50 {percentile(prop, 0.5):7.1f} ms   "
-        f"p99 {percentile(prop, 0.99):7.1f} ms   max {max(prop, default=float('nan')):7.1f} ms",
-        f"  one node applied (all samples)  p50 {percentile(each, 0.5):7.1f} ms   "
-        f"p99 {percentile(each, 0.99):7.1f} ms   ({len(each)} samples)",
+        f"  every node applied (per round)  p50 {_pct(prop, 0.5):7.1f} ms   "
+        f"p99 {_pct(prop, 0.99):7.1f} ms   max {max(prop, default=float('nan')):7.1f} ms",
+        f"  one node applied (all samples)  p50 {_pct(each, 0.5):7.1f} ms   "
+        f"p99 {_pct(each, 0.99):7.1f} ms   ({len(each)} samples)",
     ]
-    p99 = percentile(prop, 0.99)
+    p99 = _pct(prop, 0.99)
     verdict = "met" if p99 < result.goal_p99_ms else "MISSED"
     lines.append(f"  goal: every node within {result.goal_p99_ms:g} ms at p99 — {verdict}")
     if result.missing:
@@ -119,41 +115,13 @@ def _stop(procs: list[subprocess.Popen[bytes]]) -> None:
             proc.wait()
 
 
-class _Acks:
-    def __init__(self) -> None:
-        self.latest: dict[str, tuple[int, int]] = {}  # instance -> (version, applied ns)
-        self.changed = asyncio.Event()
-
-    async def on_ack(self, msg: Message) -> None:
-        try:
-            ack = decode_applied(msg.data)
-        except (msgspec.DecodeError, ValueError):
-            return
-        if (
-            ack.key == policy_key(SUBJECT, "codec")
-            and ack.version >= self.latest.get(ack.instance, (-1, 0))[0]
-        ):
-            self.latest[ack.instance] = (ack.version, ack.time)
-            self.changed.set()
-
-    def at(self, version: int) -> dict[str, int]:
-        return {i: t for i, (v, t) in self.latest.items() if v >= version}
-
-    async def wait(self, version: int, count: int, timeout: float) -> dict[str, int]:
-        give_up = time.monotonic() + timeout
-        while len(self.at(version)) < count and time.monotonic() < give_up:
-            self.changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), give_up - time.monotonic())
-        return self.at(version)
-
-
 async def measure(url: str, nodes: int, rounds: int) -> PolicyBenchResult:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         async with await MeshClient.connect(url, name="policy-bench") as client:
             store = await PolicyStore.open(client)
-            acks = _Acks()
+            acks = AppliedTracker()
+            key = policy_key(SUBJECT, "codec")
             await client.subscribe(f"{APPLIED_SUBJECT}.>", acks.on_ack, internal=True)
             await client.flush()
             # A value every node will load at start: its acknowledgement says "ready".
@@ -163,13 +131,13 @@ async def measure(url: str, nodes: int, rounds: int) -> PolicyBenchResult:
             _progress(f"starting {nodes} node processes…")
             procs = _spawn(url, nodes)
             give_up = time.monotonic() + START_TIMEOUT
-            while len(acks.at(first.version)) < nodes:
+            while len(acks.applied(key, first.version)) < nodes:
                 dead = [p for p in procs if p.poll() is not None]
                 if dead:
                     raise RuntimeError(f"{len(dead)} node processes exited during start-up")
                 if time.monotonic() > give_up:
                     raise RuntimeError(
-                        f"only {len(acks.at(first.version))}/{nodes} nodes ready after "
+                        f"only {len(acks.applied(key, first.version))}/{nodes} nodes ready after "
                         f"{START_TIMEOUT:g}s"
                     )
                 await asyncio.sleep(0.2)
@@ -184,7 +152,7 @@ async def measure(url: str, nodes: int, rounds: int) -> PolicyBenchResult:
                 record = await store.set(
                     SUBJECT, value, author="bench", reason=f"round {r}", operator=True
                 )
-                got = await acks.wait(record.version, nodes, ROUND_TIMEOUT)
+                got = await acks.wait(key, record.version, nodes, ROUND_TIMEOUT)
                 missing += nodes - len(got)
                 latencies = [(t - started) / 1e6 for t in got.values()]
                 each.extend(latencies)

@@ -93,7 +93,7 @@ class ReqRep:
         return asdict(self)
 
 
-def percentile(sorted_values: list[int], q: float) -> float:
+def percentile(sorted_values: Sequence[float], q: float) -> float:
     """The nearest-rank percentile ``q`` (0..1) of a sorted, non-empty list."""
     index = min(len(sorted_values) - 1, max(0, round(q * len(sorted_values)) - 1))
     return float(sorted_values[index])

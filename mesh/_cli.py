@@ -19,7 +19,7 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -134,6 +134,15 @@ def format_payload(value: Any) -> str:
         except json.JSONDecodeError:
             return text
     return json.dumps(value, ensure_ascii=False, default=str)
+
+
+def format_table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]) -> str:
+    """Rows under headers, columns padded to their widest cell."""
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
+    return "\n".join(
+        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+        for row in (headers, *rows)
+    )
 
 
 def mesh_command(func: Callable[..., None]) -> Callable[..., None]:
@@ -429,10 +438,7 @@ def nodes(
         (n.name, n.instance, ",".join(n.subjects), f"{n.host}:{n.pid}", _uptime(now - n.started))
         for n in found
     ]
-    headers = ("NAME", "INSTANCE", "SUBJECTS", "HOST:PID", "UPTIME")
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    for row in (headers, *rows):
-        typer.echo("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    typer.echo(format_table(rows, ("NAME", "INSTANCE", "SUBJECTS", "HOST:PID", "UPTIME")))
 
 
 def _uptime(seconds: float) -> str:

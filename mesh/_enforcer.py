@@ -10,13 +10,17 @@ and the last good value stays). Every applied or removed value is announced on
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Collection
 from typing import Final
 
 import msgspec
 
 from mesh._client import MeshClient
+from mesh._message import Message
 from mesh._policy import PolicyRecord, PolicyTable
 from mesh._policy_watch import PolicyWatcher
 
@@ -44,6 +48,48 @@ _applied_decoder: Final = msgspec.msgpack.Decoder(PolicyApplied)
 def decode_applied(data: bytes) -> PolicyApplied:
     """Decode an acknowledgement; ``msgspec.DecodeError``/``ValueError`` if malformed."""
     return _applied_decoder.decode(data)
+
+
+class AppliedTracker:
+    """Collects apply acknowledgements: the newest version (and when) per instance and key.
+
+    Bounded by the instances times the keys they acknowledge.
+    """
+
+    def __init__(self) -> None:
+        self.latest: dict[tuple[str, str], tuple[int, int]] = {}  # -> (version, applied ns)
+        self._changed = asyncio.Event()
+
+    async def on_ack(self, msg: Message) -> None:
+        """A subscription callback for ``_MESH.policy.applied.>``."""
+        try:
+            ack = decode_applied(msg.data)
+        except (msgspec.DecodeError, ValueError):
+            return
+        where = (ack.instance, ack.key)
+        if ack.version >= self.latest.get(where, (-1, 0))[0]:
+            self.latest[where] = (ack.version, ack.time)
+            self._changed.set()
+
+    def applied(self, key: str, version: int) -> dict[str, int]:
+        """Instances holding ``version`` (or newer) of ``key``, with when they applied it."""
+        return {i: t for (i, k), (v, t) in self.latest.items() if k == key and v >= version}
+
+    async def wait(
+        self, key: str, version: int, count: int, timeout: float, among: Collection[str] = ()
+    ) -> dict[str, int]:
+        """Wait until ``count`` instances (of ``among``, when given) hold ``version``."""
+
+        def done() -> dict[str, int]:
+            found = self.applied(key, version)
+            return {i: t for i, t in found.items() if i in among} if among else found
+
+        give_up = time.monotonic() + timeout
+        while len(done()) < count and time.monotonic() < give_up:
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), give_up - time.monotonic())
+        return done()
 
 
 class PolicyEnforcer:

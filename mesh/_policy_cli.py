@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import getpass
 import time
-from collections.abc import Sequence
 from typing import Annotated, Final
 
 import msgspec
@@ -20,9 +19,8 @@ import typer
 from mesh._client import DEFAULT_URL, MeshClient
 from mesh._codec import CodecEngine
 from mesh._dictionaries import DictionaryStore, sample_subject, train
-from mesh._enforcer import APPLIED_SUBJECT, decode_applied
+from mesh._enforcer import APPLIED_SUBJECT, AppliedTracker
 from mesh._errors import InvalidName
-from mesh._message import Message
 from mesh._names import validate_subject
 from mesh._policy import (
     MAX_ZSTD_LEVEL,
@@ -99,14 +97,6 @@ def _check_subject(subject: str) -> None:
         raise fail(str(exc), EXIT_USAGE) from None
 
 
-def _table(rows: Sequence[tuple[str, ...]], headers: tuple[str, ...]) -> str:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(headers)]
-    return "\n".join(
-        "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in (headers, *rows)
-    )
-
-
 def _when(ns: int) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(ns / 1e9))
 
@@ -126,7 +116,9 @@ def _rows(records: list[PolicyRecord]) -> str:
         for r in records
     ]
     headers = ("SUBJECT", "SECTION", "VALUE", "VERSION", "AUTHOR", "PIN", "UPDATED", "REASON")
-    return _table(rows, headers)
+    from mesh._cli import format_table
+
+    return format_table(rows, headers)
 
 
 async def _store(client: MeshClient, *, create: bool) -> PolicyStore:
@@ -220,7 +212,9 @@ def history(
                 )
             )
     headers = ("SUBJECT", "SECTION", "VALUE", "VERSION", "AUTHOR", "PIN", "UPDATED", "REASON")
-    typer.echo(_table(rows, headers))
+    from mesh._cli import format_table
+
+    typer.echo(format_table(rows, headers))
 
 
 @policy_app.command("set")
@@ -341,7 +335,7 @@ def set_(
                 if note:
                     _say(f"note: {note}")
             before = await _live_instances(client)
-            acks = _Acks()
+            acks = AppliedTracker()
             await client.subscribe(f"{APPLIED_SUBJECT}.>", acks.on_ack, internal=True)
             await client.flush()
             started = time.monotonic()
@@ -357,7 +351,7 @@ def set_(
             if not before:
                 _say("no live nodes to apply it now; nodes load it when they start")
                 return 0
-            done = await acks.wait(key, record.version, before, wait)
+            done = await acks.wait(key, record.version, len(before), wait, among=before)
             elapsed = (time.monotonic() - started) * 1000
             if len(done) == len(before):
                 typer.echo(
@@ -432,42 +426,6 @@ async def _live_instances(client: MeshClient) -> dict[str, str]:
     from nodes._registry import list_nodes
 
     return {n.instance: n.name for n in await list_nodes(client)}
-
-
-class _Acks:
-    """Apply acknowledgements, by instance: the highest version seen per key."""
-
-    def __init__(self) -> None:
-        self.versions: dict[tuple[str, str], int] = {}
-        self.changed = asyncio.Event()
-
-    async def on_ack(self, msg: Message) -> None:
-        try:
-            ack = decode_applied(msg.data)
-        except (msgspec.DecodeError, ValueError):
-            return
-        key = (ack.instance, ack.key)
-        if ack.version > self.versions.get(key, -1):
-            self.versions[key] = ack.version
-            self.changed.set()
-
-    def done(self, key: str, version: int, instances: dict[str, str]) -> set[str]:
-        return {i for i in instances if self.versions.get((i, key), 0) >= version}
-
-    async def wait(
-        self, key: str, version: int, instances: dict[str, str], timeout: float
-    ) -> set[str]:
-        give_up = time.monotonic() + timeout
-        while len(self.done(key, version, instances)) < len(instances):
-            left = give_up - time.monotonic()
-            if left <= 0:
-                break
-            self.changed.clear()
-            try:
-                await asyncio.wait_for(self.changed.wait(), left)
-            except TimeoutError:
-                break
-        return self.done(key, version, instances)
 
 
 async def _train(client: MeshClient, subject: str, level: int, seconds: float) -> int:
