@@ -25,7 +25,7 @@ import platform
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Final
 
@@ -36,6 +36,7 @@ from mesh._bench_report import (
     INFLIGHT,
     REQUEST_SIZE,
     SIZES,
+    UNTALLIED,
     PubSub,
     ReqRep,
     human_size,
@@ -82,12 +83,14 @@ class Settings:
 
 @dataclass
 class Sides:
-    """The two clients this process measures with, connected to the same server."""
+    """The clients this process measures with, connected to the same server: raw
+    nats-py, the mesh, and (for `mesh bench telemetry`) the mesh without telemetry."""
 
     url: str
     raw: Nats
     mesh: MeshClient
     stop: asyncio.Event  # set by Ctrl-C
+    untallied: MeshClient | None = None
 
     def check(self) -> None:
         """Raise the cancellation Ctrl-C asked for.
@@ -98,11 +101,16 @@ class Sides:
         if self.stop.is_set():
             raise asyncio.CancelledError
 
+    def client(self, impl: str) -> MeshClient:
+        if impl == UNTALLIED and self.untallied is not None:
+            return self.untallied
+        return self.mesh
+
     def publish(self, impl: str) -> Callable[[str, bytes], Awaitable[None]]:
-        return self.raw.publish if impl == "raw" else self.mesh.publish
+        return self.raw.publish if impl == "raw" else self.client(impl).publish
 
     def request(self, impl: str, subject: str, payload: bytes) -> Callable[[], Awaitable[Any]]:
-        raw, mesh = self.raw, self.mesh
+        raw, mesh = self.raw, self.client(impl)
 
         def raw_request() -> Awaitable[Any]:
             return raw.request(subject, payload, timeout=REQUEST_TIMEOUT)
@@ -113,7 +121,7 @@ class Sides:
         return raw_request if impl == "raw" else mesh_request
 
     def nc(self, impl: str) -> Nats:
-        return self.raw if impl == "raw" else self.mesh.nc
+        return self.raw if impl == "raw" else self.client(impl).nc
 
 
 async def pubsub_case(sides: Sides, impl: str, size: int, settings: Settings) -> PubSub:
@@ -378,6 +386,7 @@ def register(app: typer.Typer) -> None:
     bench_app.command("policy")(bench_policy)
     bench_app.command("codec")(bench_codec)
     bench_app.command("topology")(bench_topology)
+    bench_app.command("telemetry")(bench_telemetry)
     app.add_typer(bench_app, name="bench")
 
 
@@ -424,6 +433,57 @@ def bench_topology(
     typer.echo(msgspec.json.encode(result).decode() if as_json else format_topology_bench(result))
 
 
+def bench_telemetry(
+    nats: Annotated[
+        str,
+        typer.Option(
+            "--nats",
+            help="Measure against this NATS server (default: start an embedded one for the run).",
+        ),
+    ] = "",
+    seconds: Annotated[float, typer.Option(min=0.05, help="Seconds per case.")] = 2.0,
+    rounds: Annotated[
+        int, typer.Option(min=1, max=50, help="Rounds, rotating which side goes first.")
+    ] = 4,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """What telemetry counting costs pub→sub: the mesh against the mesh with counting off.
+
+    Runs the pub→sub case of `mesh bench` at 128 B and 1 KiB for raw nats-py, the
+    mesh, and the mesh with telemetry counting off, in rotating order. Reports the
+    best rate and the median CPU per message of each, and the cost: the mesh's
+    throughput below the untallied mesh's (goal: at most 5%) and the extra CPU.
+    """
+    from mesh._bench_telemetry import format_telemetry_bench, run_telemetry_bench, to_json
+    from mesh._cli import run
+
+    with _bench_server(nats) as (url, _):
+        result = run(run_telemetry_bench(url, seconds=seconds, rounds=rounds))
+    typer.echo(json.dumps(to_json(result), indent=2) if as_json else format_telemetry_bench(result))
+
+
+@contextlib.contextmanager
+def _bench_server(url: str) -> Iterator[tuple[str, int | None]]:
+    """``url``, or an embedded server's URL and pid (started, and stopped on the way out)."""
+    from mesh._cli import fail
+    from mesh._errors import MeshError
+    from mesh._server import NatsServer
+
+    if url:
+        yield url, None
+        return
+    server = NatsServer(port=0, jetstream=False, monitor_port=None)
+    try:
+        server.start()
+    except MeshError as exc:
+        raise fail(str(exc)) from None
+    progress(f"embedded nats-server (pid {server.pid}) at {server.url}")
+    try:
+        yield server.url, server.pid
+    finally:
+        server.stop()
+
+
 def bench(
     ctx: typer.Context,
     nats: Annotated[
@@ -465,9 +525,7 @@ def bench(
     """
     if ctx.invoked_subcommand is not None:
         return
-    from mesh._cli import EXIT_INTERRUPTED, fail, run
-    from mesh._errors import MeshError
-    from mesh._server import NatsServer
+    from mesh._cli import run
 
     settings = Settings(
         seconds=seconds if seconds is not None else (0.5 if quick else 3.0),
@@ -477,22 +535,8 @@ def bench(
         tracing=tracing.value,
         run_id=os.urandom(6).hex(),
     )
-    server: NatsServer | None = None
-    url = nats
-    try:
-        if not url:
-            server = NatsServer(port=0, jetstream=False, monitor_port=None)
-            server.start()
-            url = server.url
-            progress(f"embedded nats-server (pid {server.pid}) at {url}")
+    with _bench_server(nats) as (url, pid):
         report = run(measure(url, settings))
-        if server is not None:
-            report["environment"]["embedded_server_pid"] = server.pid
-    except MeshError as exc:  # the embedded server did not start
-        raise fail(str(exc)) from None
-    except KeyboardInterrupt:
-        raise typer.Exit(EXIT_INTERRUPTED) from None
-    finally:
-        if server is not None:
-            server.stop()
+    if pid is not None:
+        report["environment"]["embedded_server_pid"] = pid
     typer.echo(json.dumps(report, indent=2, ensure_ascii=False) if as_json else render(report))

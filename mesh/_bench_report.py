@@ -11,6 +11,8 @@ SIZES: Final = (128, 1024, 16 * 1024)
 REQUEST_SIZE: Final = 256
 INFLIGHT: Final = 64
 IMPLS: Final = ("raw", "mesh")
+#: The mesh with telemetry counting off: what `mesh bench telemetry` compares against.
+UNTALLIED: Final = "mesh-untallied"
 #: (id, what, comparison, limit) for the mesh/raw ratios, on the reference 2-core machine
 #: with tracing on and unsampled.
 TARGETS: Final = (

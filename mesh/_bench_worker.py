@@ -36,6 +36,7 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased
 
+from mesh._bench_report import UNTALLIED
 from mesh._client import (
     DEFAULT_PENDING_BYTES,
     DEFAULT_PENDING_MSGS,
@@ -47,7 +48,7 @@ from mesh._tracing import Tracing
 
 TRACING_MODES: Final = ("unsampled", "off", "sampled")
 ROLES: Final = ("sub", "echo")
-IMPLS: Final = ("raw", "mesh")
+IMPLS: Final = ("raw", "mesh", UNTALLIED)
 #: How long the orchestrator waits for a worker to start (interpreter, imports, connect,
 #: subscribe) on a loaded machine, and for it to exit when told to.
 READY_TIMEOUT: Final = 30.0
@@ -220,7 +221,9 @@ async def raw_receiver(args: argparse.Namespace) -> Receiver:
 
 async def mesh_receiver(args: argparse.Namespace) -> Receiver:
     tracing, exporter = make_tracing(args.tracing, "bench-sub")
-    client = await MeshClient.connect(args.url, name="bench-sub-mesh", tracing=tracing)
+    client = await MeshClient.connect(
+        args.url, name="bench-sub-mesh", tracing=tracing, telemetry=args.impl != UNTALLIED
+    )
     receiver = Receiver(client.nc, client.aclose)
     sub = await client.subscribe(args.subject, counting_callback(receiver.counter))
     receiver.dropped = lambda: sub.dropped

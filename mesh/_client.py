@@ -105,10 +105,14 @@ class MeshClient:
     context manager so it is drained and closed.
     """
 
-    def __init__(self, nc: Nats, *, name: str, tracing: Tracing | None = None) -> None:
+    def __init__(
+        self, nc: Nats, *, name: str, tracing: Tracing | None = None, telemetry: bool = True
+    ) -> None:
         self.nc = nc
         self.name = name
         self.tracing = tracing
+        #: Count traffic for telemetry (off only to measure what counting costs).
+        self.telemetry = telemetry
         # Message ids: a random per-client prefix and a counter, 22 characters like a NUID
         # at a tenth of its cost (nats-py's NUID is pure Python).
         self._id_prefix = os.urandom(6).hex()
@@ -143,6 +147,7 @@ class MeshClient:
         *,
         name: str = "mesh-client",
         tracing: Tracing | None = None,
+        telemetry: bool = True,
         connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
         reconnect_buffer: int = DEFAULT_RECONNECT_BUFFER,
         **options: Any,
@@ -158,7 +163,7 @@ class MeshClient:
         validate_agent_name(name)
         servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
         nc = Nats()
-        client = cls(nc, name=name, tracing=tracing)
+        client = cls(nc, name=name, tracing=tracing, telemetry=telemetry)
         last_error: list[BaseException] = []
         connected = False
 
@@ -363,13 +368,14 @@ class MeshClient:
                 raise ClientClosed() from None
             self._published += 1
             self._published_bytes += size
-            counters = self._sent.get(subject) or self._track(subject)
-            if counters is not None:
-                counters.msgs += 1
-                counters.raw += raw
-                counters.wire += size
-                if codec:
-                    counters.compressed += 1
+            if self.telemetry:
+                counters = self._sent.get(subject) or self._track(subject)
+                if counters is not None:
+                    counters.msgs += 1
+                    counters.raw += raw
+                    counters.wire += size
+                    if codec:
+                        counters.compressed += 1
         finally:
             if span is not None:
                 span.end()
@@ -448,7 +454,7 @@ class MeshClient:
             )
             frame = encode_frame(envelope, body)
             self._check_size(subject, frame)
-            counters = self._sent.get(subject) or self._track(subject)
+            counters = (self._sent.get(subject) or self._track(subject)) if self.telemetry else None
             if counters is not None:
                 counters.msgs += 1
                 counters.requests += 1
@@ -613,6 +619,7 @@ class MeshClient:
         tracing = self.tracing
         on_malformed = self._on_malformed
         decompress = self.codec.decode
+        counting = self.telemetry
 
         async def on_msg(m: Msg) -> None:
             data = m.data
@@ -639,13 +646,14 @@ class MeshClient:
             else:
                 envelope, body, field, sender = None, data, TRACE_NONE, ""
             sub.received += 1
-            try:
-                counts = counters.senders[sender]
-            except KeyError:
-                counts = counters.add_sender(sender)
-            counts.msgs += 1
-            counts.wire += len(data)
-            counts.raw += len(body)
+            if counting:
+                try:
+                    counts = counters.senders[sender]
+                except KeyError:
+                    counts = counters.add_sender(sender)
+                counts.msgs += 1
+                counts.wire += len(data)
+                counts.raw += len(body)
             msg = Message(m.subject, m.reply, body, envelope)
             if not traced:
                 await cb(msg)

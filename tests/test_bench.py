@@ -87,3 +87,25 @@ def test_bench_says_when_the_server_is_unreachable() -> None:
     assert done.returncode == 3
     assert done.stderr.startswith("error: cannot reach NATS at nats://127.0.0.1:1")
     assert done.stdout == ""
+
+
+def test_telemetry_bench_reports_both_measurements_for_each_size() -> None:
+    done = _mesh("bench", "telemetry", "--json", "--seconds", "0.2", "--rounds", "1", timeout=180)
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["rounds"] == 1
+    assert report["goal"] == 0.05
+    assert [r["size"] for r in report["results"]] == [128, 1024]
+    for result in report["results"]:
+        assert [s["impl"] for s in result["sides"]] == ["raw", "mesh", "mesh-untallied"]
+        for side in result["sides"]:
+            _positive(side, "best_msgs_s", "median_msgs_s", "pub_cpu_us", "sub_cpu_us")
+        assert len(result["ratios"]) == 1
+        assert [h["path"] for h in result["hot"]] == ["publish", "receive"]
+        for hot in result["hot"]:
+            _positive(hot, "mesh_ns", "untallied_ns")
+            assert isinstance(hot["extra_ns"], float)
+        assert result["cpu_cost"] >= 0
+        assert result["met"] == (result["cpu_cost"] <= 0.05)
+    assert "Traceback" not in done.stderr

@@ -183,3 +183,37 @@ def test_a_closed_subscription_reports_its_last_counts(nats_url: str) -> None:
             assert emitter.snapshot().received == []
 
     arun(main())
+
+
+def test_a_client_with_telemetry_off_counts_nothing_but_still_delivers(nats_url: str) -> None:
+    """`mesh bench telemetry` compares against such a client: only the counting differs."""
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="quiet", telemetry=False) as quiet,
+            await MeshClient.connect(nats_url, name="loud") as loud,
+        ):
+            got: list[bytes] = []
+
+            async def on_msg(msg: Message) -> None:
+                got.append(bytes(msg.data))
+
+            quiet_sub = await quiet.subscribe("q.one", on_msg)
+            loud_sub = await loud.subscribe("q.one", on_msg)
+            await quiet.flush()
+            await loud.flush()
+            await quiet.publish("q.one", b"from quiet")
+            await loud.publish("q.one", b"from loud")
+            await eventually(lambda: len(got) == 4)
+            quiet_snap = TelemetryEmitter(quiet, agent="quiet", instance="q1").snapshot()
+            loud_snap = TelemetryEmitter(loud, agent="loud", instance="l1").snapshot()
+            assert quiet_snap.sent == []
+            assert [(r.subject, r.msgs) for r in quiet_snap.received] == [("q.one", 0)]
+            assert quiet_sub.received == 2  # the subscription's own totals still count
+            assert [(s.subject, s.msgs) for s in loud_snap.sent] == [("q.one", 1)]
+            assert [(r.subject, r.msgs, r.senders) for r in loud_snap.received] == [
+                ("q.one", 2, {"quiet": 1, "loud": 1})
+            ]
+            assert loud_sub.received == 2
+
+    arun(main())
