@@ -11,6 +11,7 @@ from typing import Final
 import msgspec
 
 from topology._foreign import is_internal_subject
+from topology._gc import gc_paused
 from topology._graph import Delivery, Graph, InstanceNode, Publication, SubjectNode
 from topology._report import (
     AgentReport,
@@ -85,6 +86,11 @@ def analyse(graph: Graph, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Report
     counts are not zero. Every list in the report is sorted, so the same graph gives the
     same report.
     """
+    with gc_paused():
+        return _analyse(graph, thresholds)
+
+
+def _analyse(graph: Graph, thresholds: Thresholds) -> Report:
     agents = _agents(graph, thresholds)
     single = [
         SinglePoint(subject=node.name, subscribers=node.subscribers)

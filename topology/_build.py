@@ -18,14 +18,13 @@ This is the hot path of ``mesh topology`` on large meshes, hence plain loops on 
 
 from __future__ import annotations
 
-import contextlib
-import gc
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import groupby
 from operator import itemgetter
 from typing import Final
 
 from topology._foreign import ForeignClient
+from topology._gc import gc_paused
 from topology._graph import Delivery, Graph, InstanceNode, Publication, Subscriber
 from topology._histogram import SUB_BITS, HistogramCounts
 from topology._nodes import (
@@ -54,26 +53,8 @@ def build_graph(
     for a :class:`Window`, else the time the snapshots span. Raises ValueError for a
     histogram of another bucket layout (a :class:`Window` refuses those on ``add``).
     """
-    with _gc_paused():
+    with gc_paused():
         return _build(source, foreign)
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while building.
-
-    A build allocates a few containers per edge, none in a reference cycle; on a large
-    mesh the collector would walk the young objects a hundred times and often the whole
-    heap, for nothing: 10-20 % of the time of ``python -m mesh._bench_topology``.
-    Reference counting frees everything as usual.
-    """
-    was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            gc.enable()
 
 
 #: Stats of one edge, per instance: the stats, the instance's rate factor, and for an

@@ -180,9 +180,11 @@ def links(
     """
     requesters = {agent for (_, agent), (pub, _) in published.items() if pub.requests}
     result = []
-    for source, target in sorted(talks):
-        talk = talks[source, target]
-        patterns = sorted(talk.patterns) if len(talk.patterns) > 1 else list(talk.patterns)
+    # Keys are unique, so sorting the items compares keys only.
+    for (source, target), talk in sorted(talks.items()):
+        patterns = talk.patterns
+        if len(patterns) > 1:
+            patterns = dict.fromkeys(sorted(patterns))
         failed = 0
         dist = None
         if source in requesters:

@@ -14,9 +14,7 @@ part; and summarises itself once as a :class:`Latency`: what
 from __future__ import annotations
 
 import math
-from bisect import bisect_left
 from collections.abc import Sequence
-from itertools import accumulate
 from typing import Protocol
 
 import msgspec
@@ -108,27 +106,47 @@ class Distribution:
             return self._latency
         self._summarised = True
         counts = self.counts
-        keys = sorted(counts)
-        cums = list(accumulate(map(counts.__getitem__, keys)))
-        total = cums[-1] if cums else 0
+        total = sum(counts.values())
         if total <= 0:
             return None
+        # The p50 bucket is found walking up from the lowest, the p99 bucket walking
+        # down from the highest: a merged histogram holds hundreds of buckets, and the
+        # top 1% of the values sits in a few of them.
+        r50, r99 = math.ceil(0.5 * total), math.ceil(0.99 * total)
+        keys = sorted(counts)
+        i50 = i99 = keys[-1]
+        running = 0
+        for index in keys:
+            running += counts[index]
+            if running >= r50:
+                i50 = index
+                break
+        below = total  # then: the values in the buckets under the current one
+        for index in reversed(keys):
+            below -= counts[index]
+            if below < r99:  # the buckets under this one hold fewer than r99 values
+                i99 = index
+                break
         lo, hi = self.min, self.max
-        found = []
-        for rank in (math.ceil(0.5 * total), math.ceil(0.99 * total)):
-            if rank <= 1:
-                found.append(lo)
-            elif rank >= total:
-                found.append(hi)
-            else:
-                index = keys[bisect_left(cums, rank)]
-                shift = (index >> SUB_BITS) - 1
-                if shift <= 0:  # one value per bucket
-                    middle = index
-                else:  # bucket_bounds(index), inlined: this runs for every edge
-                    middle = ((index - (shift << SUB_BITS)) << shift) + (1 << shift) // 2
-                found.append(min(max(middle, lo), hi))
         self._latency = Latency(
-            count=total, mean_ns=self.sum / total, p50_ns=found[0], p99_ns=found[1], max_ns=hi
+            count=total,
+            mean_ns=self.sum / total,
+            p50_ns=_value_at(r50, i50, total, lo, hi),
+            p99_ns=_value_at(r99, i99, total, lo, hi),
+            max_ns=hi,
         )
         return self._latency
+
+
+def _value_at(rank: int, index: int, total: int, lo: int, hi: int) -> int:
+    """The value reported for the ``rank``-th of ``total`` values, found in bucket
+    ``index``: the exact extreme at either end, else the bucket's midpoint clamped to them."""
+    if rank <= 1:
+        return lo
+    if rank >= total:
+        return hi
+    shift = (index >> SUB_BITS) - 1
+    if shift > 0:  # bucket_bounds(index), inlined
+        index = ((index - (shift << SUB_BITS)) << shift) + (1 << shift) // 2
+    # else: one value per bucket, the index is the value
+    return min(max(index, lo), hi)
