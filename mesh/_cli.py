@@ -463,6 +463,9 @@ _inspect.register(app)
 from mesh import _policy_cli  # noqa: E402
 
 _policy_cli.register(app)
+from mesh import _dlq_cli  # noqa: E402
+
+_dlq_cli.register(app)
 
 
 def main() -> None:

@@ -27,7 +27,9 @@ class NatsCluster(Lifecycle):
     """``size`` JetStream servers on loopback, routed to each other as one cluster.
 
     Servers are named n1, n2, ...; their stores live under ``base_dir`` (default: a
-    temporary directory per server, removed on stop).
+    temporary directory per server, removed on stop). JetStream syncs every write to
+    disk before acknowledging it (``sync_interval: always``), as replicated reliable
+    streams should.
     """
 
     def __init__(
@@ -54,6 +56,7 @@ class NatsCluster(Lifecycle):
                 store_dir=Path(base_dir) / f"n{i + 1}" if base_dir is not None else None,
                 binary=binary,
                 echo_log=echo_log,
+                sync_always=True,
             )
             for i, cluster_port in enumerate(cluster_ports)
         ]

@@ -18,6 +18,10 @@ OS) are translated at the edge, so callers catch mesh errors only::
     │   ├── RequestTimeout (+ TimeoutError) no reply within the timeout
     │   └── RemoteError                     the handler raised; carries its type and message
     ├── PublishBufferFull                   disconnected and the reconnect buffer is full
+    ├── ReliableError
+    │   ├── PublishNotConfirmed (+ TimeoutError) no JetStream acknowledgement: outcome unknown
+    │   ├── PublishRefused                  JetStream refused to store the message
+    │   └── ReliableSetupError              a reliable stream or consumer cannot be set up
     ├── ClientClosed                        the client is closed or closing
     ├── FlushTimeout (+ TimeoutError)       the server did not confirm in time
     ├── JetStreamUnavailable                the server has no JetStream (policy, registry)
@@ -179,6 +183,46 @@ class PublishBufferFull(MeshError):
             f"cannot publish to {subject!r}: disconnected from NATS and the "
             f"{buffer_bytes}-byte reconnect buffer is full; retry after reconnect"
         )
+
+
+class ReliableError(MeshError):
+    """Reliable (JetStream) delivery failed."""
+
+
+class PublishNotConfirmed(ReliableError, TimeoutError):
+    """No acknowledgement came back: the message may or may not be stored.
+
+    Publishing again with the same ``msg_id`` is safe: the stream drops a duplicate
+    id within its duplicate window.
+    """
+
+    def __init__(self, subject: str, msg_id: str, timeout: float, reason: str = "") -> None:
+        self.subject = subject
+        self.msg_id = msg_id
+        self.timeout = timeout
+        why = reason or f"no acknowledgement from JetStream within {timeout:g}s"
+        super().__init__(
+            f"reliable publish to {subject!r} not confirmed ({why}): it may or may not be "
+            f"stored; publish again with msg_id={msg_id!r} (the stream drops duplicates)"
+        )
+
+
+class PublishRefused(ReliableError):
+    """JetStream answered and did not store the message (stream full, no stream…)."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"reliable publish to {subject!r} refused: {reason}")
+
+
+class ReliableSetupError(ReliableError):
+    """A reliable subject's stream or consumer cannot be created or bound."""
+
+    def __init__(self, subject: str, reason: str) -> None:
+        self.subject = subject
+        self.reason = reason
+        super().__init__(f"cannot set up reliable delivery for {subject!r}: {reason}")
 
 
 class ClientClosed(MeshError):

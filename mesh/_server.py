@@ -112,6 +112,8 @@ class NatsServer(Lifecycle):
     ``port=0`` and ``monitor_port=0`` let nats-server pick free ports; the real ones are read
     from its log and kept, so `restart` comes back on the same ports with the same store.
     ``monitor_port=None`` turns monitoring off; when on, it listens on 127.0.0.1 only.
+    ``sync_always`` makes JetStream fsync every write before acknowledging it (what a
+    replicated reliable stream needs to survive losing every server at once).
     Options given here override the same settings in ``config_file``.
     """
 
@@ -131,9 +133,11 @@ class NatsServer(Lifecycle):
         extra_args: Sequence[str] = (),
         binary: Path | None = None,
         echo_log: bool = False,
+        sync_always: bool = False,
     ) -> None:
         self.host = host
         self.jetstream = jetstream
+        self.sync_always = sync_always
         self.server_name = server_name
         self.cluster_name = cluster_name
         self.cluster_port = cluster_port
@@ -210,7 +214,11 @@ class NatsServer(Lifecycle):
             raise RuntimeError(f"nats-server is already running (pid {self.pid})")
         binary = self._binary or find_nats_server()
         self._end_process(DEFAULT_STOP_TIMEOUT)  # reap a process that was killed
-        needs_dir = self._monitor_port is not None or (self.jetstream and self._store_dir is None)
+        needs_dir = (
+            self._monitor_port is not None
+            or self.sync_always
+            or (self.jetstream and self._store_dir is None)
+        )
         if needs_dir and self._runtime_dir is None:
             self._runtime_dir = Path(tempfile.mkdtemp(prefix="natsmesh-server-"))
         argv = self._argv(binary)
@@ -304,14 +312,19 @@ class NatsServer(Lifecycle):
         return argv + list(self.extra_args)
 
     def _config(self) -> Path | None:
-        """The config file to pass with ``-c``, generated when monitoring is on."""
-        if self._monitor_port is None:
+        """The config file to pass with ``-c``, generated when monitoring or
+        ``sync_always`` is on (neither has a command-line flag)."""
+        if self._monitor_port is None and not self.sync_always:
             return self.config_file
         runtime_dir = self._runtime_dir
-        assert runtime_dir is not None  # start() creates it whenever monitoring is on
-        # The monitor listens on the client host unless told otherwise, and only a config
-        # file can tell it (no flag exists). Port 0 here; the -m flag sets the real one.
-        lines = ['http: "127.0.0.1:0"']
+        assert runtime_dir is not None  # start() creates it whenever it generates a config
+        lines = []
+        if self._monitor_port is not None:
+            # The monitor listens on the client host unless told otherwise, and only a
+            # config file can tell it. Port 0 here; the -m flag sets the real one.
+            lines.append('http: "127.0.0.1:0"')
+        if self.sync_always and self.jetstream:
+            lines.append("jetstream { sync_interval: always }")
         if self.config_file is not None:
             # nats-server joins include paths onto the including file's directory.
             include = Path(os.path.relpath(self.config_file, runtime_dir)).as_posix()

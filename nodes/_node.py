@@ -18,18 +18,21 @@ from __future__ import annotations
 
 import inspect
 import typing
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from mesh import MeshClient
 from mesh._message import Message
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
+from mesh._reliable import BACKOFF, MAX_DELIVER
 
 DEFAULT_MAX_CONCURRENCY: Final = 64
 DEFAULT_HANDLER_TIMEOUT: Final = 30.0
 DEFAULT_DRAIN_TIMEOUT: Final = 30.0
 _SEMVER_DEFAULT: Final = "0.1.0"
+MAX_DELIVER_LIMIT: Final = 100
+MAX_BACKOFF: Final = 3600.0
 
 HandlerFunc = Callable[..., Awaitable[Any]]
 
@@ -96,6 +99,12 @@ class Handler:
     input_type: Any
     wants_context: bool
     name: str
+    #: Fed from the subject's JetStream work-queue stream instead of a subscription.
+    reliable: bool = False
+    #: Reliable only: deliveries before the dead-letter stream, and the delays
+    #: before each redelivery after a failure (the last one repeats).
+    max_deliver: int = MAX_DELIVER
+    backoff: tuple[float, ...] = BACKOFF
     stats: HandlerStats = field(default_factory=HandlerStats)
 
 
@@ -142,17 +151,38 @@ class Node:
         queue: str | None = None,
         broadcast: bool = False,
         timeout: float | None = None,
+        reliable: bool = False,
+        max_deliver: int = MAX_DELIVER,
+        backoff: Sequence[float] = BACKOFF,
     ) -> Callable[[HandlerFunc], HandlerFunc]:
         """Register an async handler for ``subject`` (wildcards allowed).
 
         Replicas share the work through a queue group named after the agent
         (or ``queue``); with ``broadcast=True`` every instance gets every message.
         ``timeout`` overrides the node's ``handler_timeout`` for this handler.
+
+        With ``reliable=True`` (a concrete subject, not broadcast) messages come from
+        the subject's JetStream work-queue stream: each is acknowledged once the
+        handler returns, redelivered with backoff when it raises or times out, and
+        moved to ``_MESH.dlq.<subject>`` after ``max_deliver`` attempts; ``backoff``
+        gives the delays (seconds) before the 2nd, 3rd... attempt, its last value
+        repeating. What the handler returns is not sent anywhere (nobody waits for
+        a reply).
         """
         validate_subject(subject, wildcards=True)
+        if reliable and (broadcast or any(t in ("*", ">") for t in subject.split("."))):
+            raise ValueError(
+                f"reliable handlers take a concrete subject and a queue group, not {subject!r}"
+                + (" with broadcast=True" if broadcast else "")
+            )
         group = "" if broadcast else validate_queue_group(queue or self.name)
         if timeout is not None and timeout <= 0:
             raise ValueError("timeout must be positive")
+        delays = tuple(float(d) for d in backoff)
+        if not 1 <= max_deliver <= MAX_DELIVER_LIMIT:
+            raise ValueError(f"max_deliver must be between 1 and {MAX_DELIVER_LIMIT}")
+        if not delays or not all(0 <= d <= MAX_BACKOFF for d in delays):
+            raise ValueError(f"backoff needs 1 or more delays between 0 and {MAX_BACKOFF:g}s")
         if any(h.subject == subject and h.queue == group for h in self.handlers):
             raise ValueError(f"{self.name} already handles {subject!r}")
 
@@ -169,6 +199,9 @@ class Node:
                     input_type=input_type,
                     wants_context=wants_context,
                     name=func.__name__,
+                    reliable=reliable,
+                    max_deliver=max_deliver,
+                    backoff=delays,
                 )
             )
             return func

@@ -33,6 +33,7 @@ from mesh._wire import TRACE_NONE, TRACE_UNSAMPLED
 from nodes._micro import MicroResponder
 from nodes._node import Context, Handler, Node
 from nodes._registry import Registration
+from nodes._reliable import ReliableConsumer
 
 log = logging.getLogger("mesh.node")
 
@@ -60,14 +61,15 @@ class NodeRuntime:
         self.started = time.time()
         self._register = register
         self._slots = asyncio.Semaphore(node.max_concurrency)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._sweeper: asyncio.Task[None] | None = None
         # Running handlers' deadlines (time.monotonic()), by task; the sweeper cancels
         # an overdue task and marks it expired, so it answers HandlerTimeout.
-        self._deadlines: dict[asyncio.Task[None], float] = {}
-        self._expired: set[asyncio.Task[None]] = set()
+        self._deadlines: dict[asyncio.Task[Any], float] = {}
+        self._expired: set[asyncio.Task[Any]] = set()
         self._has_deadlines = asyncio.Event()
         self._subs: list[Subscription] = []
+        self._consumers: list[ReliableConsumer] = []  # the reliable handlers' feeds
         self._index: dict[int, int] = {}  # id(subscription) -> handler index
         self._inflight = [0] * len(node.handlers)  # handler calls running, by handler
         self._enforcer = PolicyEnforcer(client, agent=node.name, instance=self.instance)
@@ -109,12 +111,18 @@ class NodeRuntime:
             # Policy first: the first message out already follows it.
             await self._enforcer.start()
             for index, handler in enumerate(self.node.handlers):
-                sub = await self.client.subscribe(
-                    handler.subject,
-                    self._dispatcher(handler, index, loop),
-                    queue=handler.queue,
-                    traced=False,
-                )
+                if handler.reliable:
+                    consumer = ReliableConsumer(self, handler, index)
+                    self._consumers.append(consumer)
+                    await consumer.start()
+                    sub = consumer.subscription
+                else:
+                    sub = await self.client.subscribe(
+                        handler.subject,
+                        self._dispatcher(handler, index, loop),
+                        queue=handler.queue,
+                        traced=False,
+                    )
                 self._subs.append(sub)
                 self._index[id(sub)] = index
             self._telemetry.start()
@@ -136,7 +144,12 @@ class NodeRuntime:
         self._closed = True
         deadline = time.monotonic() + self.node.drain_timeout
         try:
-            drained = asyncio.ensure_future(asyncio.gather(*(sub.drain() for sub in self._subs)))
+            drained = asyncio.ensure_future(
+                asyncio.gather(
+                    *(sub.drain() for sub in self._subs),
+                    *(consumer.stop() for consumer in self._consumers),
+                )
+            )
             # Intake first: until the drain returns, received messages still start tasks.
             await asyncio.wait({drained}, timeout=self.node.drain_timeout)
             while self._tasks and time.monotonic() < deadline:
@@ -167,7 +180,7 @@ class NodeRuntime:
                 log.debug("flush on close: %s", exc)
 
     @staticmethod
-    async def _cancel(tasks: set[asyncio.Task[None]]) -> None:
+    async def _cancel(tasks: set[asyncio.Task[Any]]) -> None:
         pending = [t for t in tasks if not t.done()]
         for task in pending:
             task.cancel()
@@ -207,7 +220,7 @@ class NodeRuntime:
                     self._expired.add(task)
                     task.cancel()
 
-    def _take_expiry(self, me: asyncio.Task[None]) -> bool:
+    def _take_expiry(self, me: asyncio.Task[Any]) -> bool:
         """True (once) if the sweeper cancelled ``me`` for running past its deadline.
 
         Raises CancelledError when a second cancellation (shutdown) is pending too:
@@ -220,7 +233,9 @@ class NodeRuntime:
             raise asyncio.CancelledError
         return True
 
-    async def _run(self, handler: Handler, index: int, msg: Message) -> None:
+    async def _run(self, handler: Handler, index: int, msg: Message) -> str:
+        """Handle one message (a slot is held; it is released here). Returns "" when
+        the handler succeeded, else what went wrong."""
         me = asyncio.current_task()
         assert me is not None
         client = self.client
@@ -251,6 +266,7 @@ class NodeRuntime:
             timeout = min(timeout, (deadline_ns - time.time_ns()) / _NS)
         errors_before, timeouts_before = stats.errors, stats.timeouts
         sent = 0  # reply bytes
+        outcome = ""
         self._inflight[index] += 1
         try:
             stats.requests += 1
@@ -258,17 +274,17 @@ class NodeRuntime:
                 # An error reply like any other: NATS micro's num_errors counts it.
                 stats.timeouts += 1
                 stats.errors += 1
-                stats.last_error = "DeadlineExceeded: the deadline passed before handling"
+                stats.last_error = outcome = "DeadlineExceeded: the deadline passed before handling"
                 sent = await client.respond_error(
                     msg, "DeadlineExceeded", "the request's deadline passed before it was handled"
                 )
-                return
+                return outcome
             try:
                 payload = msg.decode(handler.input_type)
             except MalformedMessage as exc:
                 self._record_error(handler, exc, span)
                 sent = await client.respond_error(msg, "MalformedMessage", str(exc))
-                return
+                return f"MalformedMessage: {exc}"
             args = (
                 (payload, Context(self.node.name, msg, client))
                 if handler.wants_context
@@ -300,6 +316,7 @@ class NodeRuntime:
                 deadlines.pop(me, None)
             if expired:
                 stats.timeouts += 1
+                outcome = f"HandlerTimeout: did not finish within {timeout:g}s"
                 self._record_error(handler, failure, span, f"handler timed out after {timeout:g}s")
                 sent = await client.respond_error(
                     msg, "HandlerTimeout", f"{handler.name} did not finish within {timeout:g}s"
@@ -307,6 +324,7 @@ class NodeRuntime:
             elif failure is not None:
                 log.error("handler %s failed on %s", handler.name, msg.subject, exc_info=failure)
                 self._record_error(handler, failure, span)
+                outcome = f"{type(failure).__name__}: {failure}"
                 sent = await self._reply_failure(msg, type(failure).__name__, str(failure))
             else:
                 sent = await client.respond(msg, result)
@@ -336,6 +354,7 @@ class NodeRuntime:
                 deactivate(tokens)
             if span is not None:
                 span.end()
+        return outcome
 
     async def _reply_failure(self, msg: Message, error_type: str, message: str) -> int:
         try:

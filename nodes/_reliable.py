@@ -1,0 +1,311 @@
+"""Feeding a reliable handler from its subject's JetStream work-queue stream.
+
+Every instance of an agent pulls from one durable consumer named after its queue
+group, so the instances share the work as a queue group would, and a message is
+taken by one of them at a time. Each message runs through the runtime's normal
+path (same concurrency slots, timeouts, tracing, telemetry), then is settled:
+
+- the handler returned: acknowledged (and its id remembered, so a redelivery of a
+  message whose acknowledgement got lost is acknowledged without running again);
+- it raised or timed out: redelivered after the handler's backoff, up to its
+  ``max_deliver`` deliveries (defaults :data:`~mesh._reliable.BACKOFF` and
+  :data:`~mesh._reliable.MAX_DELIVER`), then moved to ``_MESH.dlq.<subject>``
+  with the reason;
+- its frame does not decode: moved to the dead letters at once;
+- the node shuts down before it ran, or while it runs: handed back (nak) so
+  another instance takes it now rather than after the acknowledgement timeout.
+
+A message whose handler is still running when ``ack_wait`` passes would be
+delivered again, so ``ack_wait`` is the handler's timeout plus a margin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from aiocache import SimpleMemoryCache
+from nats.js import api
+
+from mesh._errors import MalformedMessage, MeshError, ReliableSetupError
+from mesh._message import Message, Subscription
+from mesh._reliable import (
+    H_AGENT,
+    H_ATTEMPTS,
+    H_MSG_ID,
+    H_REASON,
+    H_STREAM_SEQ,
+    H_SUBJECT,
+    ReliableStreams,
+    consumer_name,
+    dlq_subject,
+    reason_header,
+    store,
+)
+from mesh._wire import Codec, decode_frame
+
+if TYPE_CHECKING:
+    from nats.aio.msg import Msg
+
+    from nodes._node import Handler
+    from nodes._runtime import NodeRuntime
+
+log = logging.getLogger("mesh.node.reliable")
+
+#: Seconds one pull request waits for messages before asking again.
+FETCH_WAIT: Final = 1.0
+#: Messages asked for at once (at most the node's concurrency).
+FETCH_BATCH: Final = 64
+#: Acknowledgement wait beyond the handler's own timeout.
+ACK_MARGIN: Final = 5.0
+#: Unacknowledged messages the consumer hands out at once, over all instances.
+MAX_ACK_PENDING: Final = 1000
+#: Pause after a failed pull (connection lost, leader election) before the next.
+RETRY_PAUSE: Final = 0.5
+#: Ids of handled messages remembered per handler, to skip redeliveries.
+SEEN_IDS: Final = 100_000
+
+
+class SeenIds:
+    """Ids of messages handled successfully: the last :data:`SEEN_IDS` (oldest
+    forgotten first), in an aiocache memory cache."""
+
+    def __init__(self, limit: int = SEEN_IDS) -> None:
+        self._cache = SimpleMemoryCache()
+        self._order: collections.deque[str] = collections.deque()
+        self._limit = limit
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    async def seen(self, msg_id: str) -> bool:
+        return bool(await self._cache.exists(msg_id))
+
+    async def add(self, msg_id: str) -> None:
+        try:
+            await self._cache.add(msg_id, True)
+        except ValueError:  # aiocache: the key is there already
+            return
+        self._order.append(msg_id)
+        if len(self._order) > self._limit:
+            await self._cache.delete(self._order.popleft())
+
+    async def close(self) -> None:
+        await self._cache.clear()
+        self._order.clear()
+
+
+class ReliableConsumer:
+    """Pulls one reliable handler's messages and settles each one."""
+
+    def __init__(self, runtime: NodeRuntime, handler: Handler, index: int) -> None:
+        self.runtime = runtime
+        self.handler = handler
+        self.index = index
+        self.subject = handler.subject
+        self.durable = consumer_name(handler.queue)
+        timeout = handler.timeout or runtime.node.handler_timeout
+        self.ack_wait = timeout + ACK_MARGIN
+        #: Telemetry counts, reported like a subscription's.
+        self.subscription = Subscription(handler.subject, handler.queue)
+        self.seen = SeenIds()
+        self.redelivered = 0  # deliveries after the first
+        self.duplicates = 0  # already handled: acknowledged without running
+        self.dead_lettered = 0
+        self._streams = ReliableStreams(runtime.client.nc)
+        self._psub: Any = None
+        self._sid = 0
+        self._pull: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    async def start(self) -> None:
+        """Create the stream and the dead-letter stream if needed, bind the durable
+        consumer, and start pulling."""
+        client = self.runtime.client
+        stream = await self._streams.ensure(self.subject)
+        await self._streams.ensure_dlq()
+        config = api.ConsumerConfig(
+            durable_name=self.durable,
+            ack_policy=api.AckPolicy.EXPLICIT,
+            deliver_policy=api.DeliverPolicy.ALL,
+            max_deliver=self.handler.max_deliver,
+            ack_wait=self.ack_wait,
+            max_ack_pending=MAX_ACK_PENDING,
+            filter_subject=self.subject,
+        )
+        js = client.nc.jetstream(timeout=10)
+        try:
+            self._psub = await js.pull_subscribe(
+                self.subject, durable=self.durable, stream=stream, config=config
+            )
+        except nats.js.errors.APIError as exc:
+            raise ReliableSetupError(
+                self.subject,
+                f"{exc.description or exc} (a work-queue subject takes one consumer: is "
+                "another agent handling it reliably?)",
+            ) from None
+        self._sid = self._psub._sub._id
+        # Reported by the telemetry emitter with the client's subscriptions.
+        client._subs[self._sid] = self.subscription
+        self._pull = asyncio.get_running_loop().create_task(
+            self._pull_loop(), name=f"{self.runtime.node.name}-reliable-{self.subject}"
+        )
+
+    async def stop(self) -> None:
+        """Stop pulling (the pull in progress finishes, and what it brought is handed
+        back), then unsubscribe; handlers already running go on."""
+        self._stopping = True
+        if self._pull is not None:
+            done, _ = await asyncio.wait({self._pull}, timeout=FETCH_WAIT + 2)
+            if not done:
+                self._pull.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._pull
+        if self._psub is not None:
+            with contextlib.suppress(Exception):
+                await self._psub.unsubscribe()
+            self.runtime.client._forget(self.subscription, self._sid)
+        await self.seen.close()
+
+    async def _pull_loop(self) -> None:
+        runtime = self.runtime
+        slots = runtime._slots
+        loop = asyncio.get_running_loop()
+        batch = max(1, min(FETCH_BATCH, runtime.node.max_concurrency))
+        failures = 0
+        while not self._stopping:
+            try:
+                msgs = await self._psub.fetch(batch, timeout=FETCH_WAIT)
+            except nats.errors.TimeoutError:
+                continue
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except Exception as exc:  # disconnected, leader election: try again shortly
+                failures += 1
+                log_at = logging.WARNING if failures in (1, 10) or failures % 100 == 0 else 0
+                if log_at:
+                    log.log(log_at, "pulling %s failed (%d times): %s", self.subject, failures, exc)
+                await asyncio.sleep(RETRY_PAUSE)
+                continue
+            failures = 0
+            for jsmsg in msgs:
+                await slots.acquire()
+                if self._stopping:
+                    slots.release()
+                    await self._settle(jsmsg.nak())  # another instance takes it now
+                    continue
+                task = loop.create_task(self._process(jsmsg))
+                runtime._tasks.add(task)
+                task.add_done_callback(runtime._tasks.discard)
+
+    async def _process(self, jsmsg: Msg) -> None:
+        """Run one message through the handler (its slot is held) and settle it."""
+        runtime = self.runtime
+        held = True  # the slot, until _run takes it over
+        try:
+            attempt = jsmsg.metadata.num_delivered or 1
+            if attempt > 1:
+                self.redelivered += 1
+            data = jsmsg.data
+            counters = self.subscription.counters
+            body: bytes | memoryview
+            try:
+                envelope, body = decode_frame(data, self.subject)
+                if envelope.codec:
+                    body = await runtime.client.codec.decode(body, envelope, self.subject)
+                    envelope = msgspec.structs.replace(envelope, codec=Codec.NONE, dictionary=0)
+            except MalformedMessage as exc:
+                counters.decode_failed("")
+                runtime._slots.release()
+                held = False
+                await self._dead_letter(jsmsg, attempt, f"MalformedMessage: {exc}")
+                return
+            self.subscription.received += 1
+            try:
+                counts = counters.senders[envelope.sender]
+            except KeyError:
+                counts = counters.add_sender(envelope.sender)
+            counts.msgs += 1
+            counts.wire += len(data)
+            counts.raw += len(body)
+            if await self.seen.seen(envelope.id):
+                self.duplicates += 1
+                runtime._slots.release()
+                held = False
+                await self._settle(jsmsg.ack())
+                return
+            held = False
+            outcome = await runtime._run(
+                self.handler, self.index, Message(self.subject, "", body, envelope)
+            )
+            if not outcome:
+                await self.seen.add(envelope.id)
+                await self._settle(jsmsg.ack())
+            elif attempt >= self.handler.max_deliver:
+                await self._dead_letter(jsmsg, attempt, outcome)
+            else:
+                backoff = self.handler.backoff
+                await self._settle(jsmsg.nak(delay=backoff[min(attempt, len(backoff)) - 1]))
+        except asyncio.CancelledError:
+            # Shutting down: hand it back so another instance takes it now.
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(jsmsg.nak(), 1)
+            raise
+        finally:
+            if held:
+                runtime._slots.release()
+
+    async def _dead_letter(self, jsmsg: Msg, attempt: int, reason: str) -> None:
+        """Store the message in the dead-letter stream, then remove it from its own."""
+        meta = jsmsg.metadata
+        seq = meta.sequence.stream if meta.sequence is not None else 0
+        stream = meta.stream or ""
+        headers = {
+            H_SUBJECT: self.subject,
+            H_REASON: reason_header(reason),
+            H_ATTEMPTS: str(attempt),
+            H_AGENT: self.runtime.node.name,
+            H_STREAM_SEQ: f"{stream}:{seq}",
+        }
+        msg_id = _frame_id(jsmsg.data)
+        if msg_id:
+            headers[H_MSG_ID] = msg_id
+        try:
+            await store(
+                self.runtime.client.nc,
+                dlq_subject(self.subject),
+                jsmsg.data,
+                f"dlq:{stream}:{seq}",
+                headers=headers,
+            )
+        except MeshError as exc:
+            # Not stored: leave the message in its stream, unacknowledged; it is
+            # delivered again after ack_wait while attempts remain.
+            log.error("could not dead-letter %s #%s: %s", self.subject, seq, exc)
+            return
+        self.dead_lettered += 1
+        log.warning(
+            "dead-lettered %s #%s after %d attempts: %s", self.subject, seq, attempt, reason
+        )
+        await self._settle(jsmsg.term())
+
+    @staticmethod
+    async def _settle(call: Any) -> None:
+        """Send an ack/nak/term; a lost one only means a redelivery later."""
+        try:
+            await call
+        except Exception as exc:
+            log.debug("could not settle a reliable message: %s", exc)
+
+
+def _frame_id(data: bytes) -> str:
+    try:
+        return decode_frame(data)[0].id
+    except MalformedMessage:
+        return ""

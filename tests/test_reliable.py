@@ -1,0 +1,310 @@
+"""Reliable delivery against a real JetStream server: work-queue streams, publish
+dedup, acknowledgement after the handler, bounded redelivery, dead letters and
+`mesh dlq`."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from typing import Any
+
+import msgspec
+import pytest
+from _util import arun, eventually
+from test_cli import amesh, mesh
+
+from mesh import (
+    InvalidName,
+    MeshClient,
+    PublishNotConfirmed,
+)
+from mesh._cluster import NatsCluster
+from mesh._reliable import (
+    DLQ_STREAM,
+    H_ATTEMPTS,
+    H_REASON,
+    H_SUBJECT,
+    stream_name,
+)
+from mesh._server import NatsServer
+from mesh._wire import Envelope, encode_frame
+from nodes import Node, NodeRuntime
+
+FAST = (0.05,)  # backoff for tests: redeliveries come at once
+
+
+class Task(msgspec.Struct):
+    n: int
+    fail_times: int = 0
+
+
+async def stream_messages(client: MeshClient, name: str) -> int:
+    info = await client.nc.jsm().stream_info(name)
+    return int(info.state.messages)
+
+
+def worker(
+    name: str, seen: list[int], *, max_deliver: int = 5, delay: float = 0.0, fixed: bool = False
+) -> Node:
+    """A node that records each task it finished; a task fails its first ``fail_times``
+    attempts (unless the worker is ``fixed``)."""
+    node = Node(name, handler_timeout=5)
+    attempts: dict[int, int] = {}
+
+    @node.handles("work.tasks", reliable=True, max_deliver=max_deliver, backoff=FAST)
+    async def handle(task: Task) -> None:
+        attempts[task.n] = attempts.get(task.n, 0) + 1
+        if attempts[task.n] <= task.fail_times and not fixed:
+            raise RuntimeError(f"task {task.n} failed on attempt {attempts[task.n]}")
+        if delay:
+            await asyncio.sleep(delay)
+        seen.append(task.n)
+
+    return node
+
+
+def test_every_published_task_is_handled_once_and_acknowledged(nats_url: str) -> None:
+    async def main() -> None:
+        seen: list[int] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+        ):
+            # Published before any node runs: the stream keeps them.
+            for n in range(50):
+                await producer.publish("work.tasks", Task(n), reliable=True)
+            assert await stream_messages(producer, stream_name("work.tasks")) == 50
+            async with NodeRuntime(worker("worker", seen), consumer, register=False) as runtime:
+                for n in range(50, 100):
+                    await producer.publish("work.tasks", Task(n), reliable=True)
+                await eventually(lambda: len(seen) == 100, timeout=20)
+                feed = runtime._consumers[0]
+                assert feed.redelivered == 0
+                assert feed.subscription.received == 100
+            assert sorted(seen) == list(range(100))
+            # Acknowledged messages leave the work queue.
+            await eventually(
+                lambda: _zero(stream_messages(producer, stream_name("work.tasks"))), timeout=10
+            )
+
+    arun(main(), timeout=60)
+
+
+def test_a_repeated_message_id_is_stored_once(nats_url: str) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="producer") as producer:
+            for _ in range(3):
+                await producer.publish("work.once", b"x", reliable=True, msg_id="order-17")
+            await producer.publish("work.once", b"y", reliable=True)
+            assert await stream_messages(producer, stream_name("work.once")) == 2
+            with pytest.raises(InvalidName, match="message id"):
+                await producer.publish("work.once", b"z", reliable=True, msg_id="has space")
+
+    arun(main())
+
+
+def test_a_failing_task_is_redelivered_until_it_succeeds(nats_url: str) -> None:
+    async def main() -> None:
+        seen: list[int] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(worker("worker", seen), consumer, register=False) as runtime,
+        ):
+            await producer.publish("work.tasks", Task(1, fail_times=2), reliable=True)
+            await eventually(lambda: seen == [1], timeout=20)
+            assert runtime._consumers[0].redelivered == 2
+            assert runtime.node.handlers[0].stats.errors == 2
+            await eventually(
+                lambda: _zero(stream_messages(producer, stream_name("work.tasks"))), timeout=10
+            )
+
+    arun(main(), timeout=60)
+
+
+async def _zero(count: Any) -> bool:
+    return await count == 0
+
+
+def test_a_task_that_keeps_failing_becomes_a_dead_letter_and_can_be_replayed(
+    nats_url: str,
+) -> None:
+    seen: list[int] = []
+
+    async def fail_then_replay() -> None:
+        failing = worker("worker", seen, max_deliver=3)
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(failing, consumer, register=False) as runtime,
+        ):
+            await producer.publish("work.tasks", Task(7, fail_times=99), reliable=True)
+            await producer.publish("work.tasks", Task(8), reliable=True)
+            await eventually(lambda: runtime._consumers[0].dead_lettered == 1, timeout=20)
+            assert seen == [8]
+            dead = await producer.nc.jsm().get_msg(DLQ_STREAM, seq=1)
+            assert dead.subject == "_MESH.dlq.work.tasks"
+            assert dead.headers[H_SUBJECT] == "work.tasks"
+            assert dead.headers[H_ATTEMPTS] == "3"
+            assert "task 7 failed on attempt 3" in dead.headers[H_REASON]
+
+    arun(fail_then_replay(), timeout=60)
+
+    listed = mesh("dlq", "ls", "--json", "--nats", nats_url)
+    assert listed.code == 0, listed.err
+    entries = json.loads(listed.out)
+    assert [(e["seq"], e["subject"], e["agent"], e["attempts"]) for e in entries] == [
+        (1, "work.tasks", "worker", 3)
+    ]
+    table = mesh("dlq", "ls", "--nats", nats_url)
+    assert "work.tasks" in table.out
+    assert "RuntimeError" in table.out
+    shown = mesh("dlq", "show", "1", "--json", "--nats", nats_url)
+    assert json.loads(shown.out)["payload"] == {"n": 7, "fail_times": 99}
+    missing = mesh("dlq", "show", "99", "--nats", nats_url)
+    assert missing.code == 1
+    assert missing.err.startswith("error: no dead letter #99")
+    assert "Traceback" not in missing.err
+    usage = mesh("dlq", "replay", "--nats", nats_url)
+    assert usage.code == 2
+    assert "--all" in usage.err
+
+    async def healed() -> None:
+        # Replayed to a worker whose bug was fixed meanwhile.
+        async with (
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(worker("worker", seen, fixed=True), consumer, register=False),
+        ):
+            replayed = await amesh("dlq", "replay", "--all", "--nats", nats_url)
+            assert replayed.code == 0, replayed.err
+            assert "replayed 1 dead letter" in replayed.out
+            await eventually(lambda: 7 in seen, timeout=20)
+        assert json.loads((await amesh("dlq", "ls", "--json", "--nats", nats_url)).out) == []
+
+    arun(healed(), timeout=60)
+    assert sorted(seen) == [7, 8]
+
+
+def test_a_frame_that_does_not_decode_is_dead_lettered_at_once(nats_url: str) -> None:
+    async def main() -> None:
+        seen: list[int] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(worker("worker", seen), consumer, register=False) as runtime,
+        ):
+            await producer.publish("work.tasks", Task(1), reliable=True)  # creates the stream
+            ack = await producer.nc.jetstream().publish("work.tasks", b"\xa7not a mesh frame")
+            assert ack.seq == 2
+            await producer.publish("work.tasks", Task(2), reliable=True)
+            feed = runtime._consumers[0]
+            await eventually(lambda: feed.dead_lettered == 1 and sorted(seen) == [1, 2])
+            dead = await producer.nc.jsm().get_msg(DLQ_STREAM, seq=1)
+            assert dead.data == b"\xa7not a mesh frame"
+            assert dead.headers[H_REASON].startswith("MalformedMessage")
+            assert dead.headers[H_ATTEMPTS] == "1"
+            assert sum(feed.subscription.counters.decode_failures.values()) == 1
+
+    arun(main(), timeout=60)
+
+
+def test_a_redelivered_message_already_handled_is_acknowledged_without_running(
+    nats_url: str,
+) -> None:
+    """What happens when an acknowledgement is lost: the same envelope comes again."""
+
+    async def main() -> None:
+        seen: list[int] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(worker("worker", seen), consumer, register=False) as runtime,
+        ):
+            await producer.publish("work.tasks", Task(0), reliable=True)
+            frame = encode_frame(
+                Envelope(id="same-envelope", sender="producer"), msgspec.json.encode(Task(5))
+            )
+            js = producer.nc.jetstream()
+            # Two stream messages (different Nats-Msg-Id), one envelope id.
+            await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "a"})
+            await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "b"})
+            feed = runtime._consumers[0]
+            await eventually(lambda: feed.duplicates == 1 and sorted(seen) == [0, 5])
+            await asyncio.sleep(0.2)
+            assert sorted(seen) == [0, 5]
+
+    arun(main(), timeout=60)
+
+
+def test_shutdown_hands_unfinished_tasks_to_another_instance(nats_url: str) -> None:
+    async def main() -> None:
+        seen: list[int] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="w1") as first,
+            await MeshClient.connect(nats_url, name="w2") as second,
+        ):
+            slow = worker("worker", seen, delay=0.05)
+            slow.drain_timeout = 0.2  # shorter than the work it holds: the rest is cancelled
+            one = NodeRuntime(slow, first, register=False)
+            await one.start()
+            for n in range(60):
+                await producer.publish("work.tasks", Task(n), reliable=True)
+            await eventually(lambda: len(seen) >= 5, timeout=20)
+            await one.aclose()
+            async with NodeRuntime(worker("worker", seen), second, register=False):
+                await eventually(lambda: len(set(seen)) == 60, timeout=30)
+            assert sorted(set(seen)) == list(range(60))
+
+    arun(main(), timeout=90)
+
+
+def test_reliable_handlers_need_a_concrete_subject_and_a_queue() -> None:
+    node = Node("picky")
+    with pytest.raises(ValueError, match="concrete subject"):
+        node.handles("work.*", reliable=True)
+    with pytest.raises(ValueError, match="broadcast"):
+        node.handles("work.x", reliable=True, broadcast=True)
+    with pytest.raises(ValueError, match="max_deliver"):
+        node.handles("work.x", reliable=True, max_deliver=0)
+    with pytest.raises(ValueError, match="backoff"):
+        node.handles("work.x", reliable=True, backoff=())
+
+
+def test_an_unacknowledged_publish_says_its_outcome_is_unknown(tmp_path: Any) -> None:
+    server = NatsServer(port=0, monitor_port=None, store_dir=tmp_path / "store")
+    server.start()
+
+    async def main() -> None:
+        async with await MeshClient.connect(server.url, name="producer") as producer:
+            await producer.publish("work.lost", b"1", reliable=True)
+            server.stop()
+            with pytest.raises(PublishNotConfirmed, match="may or may not be stored") as caught:
+                await producer.publish(
+                    "work.lost", b"2", reliable=True, msg_id="retry-me", ack_timeout=0.5
+                )
+            assert caught.value.msg_id == "retry-me"
+
+    try:
+        arun(main())
+    finally:
+        server.stop()
+
+
+@pytest.mark.cluster
+def test_on_a_cluster_streams_are_replicated_and_synced(nats_cluster: NatsCluster) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_cluster.urls, name="producer") as producer:
+            await producer.publish("work.safe", b"1", reliable=True)
+            info = await producer.nc.jsm().stream_info(stream_name("work.safe"))
+            assert info.config.num_replicas == 3
+            assert info.config.retention == "workqueue"
+            assert len(info.cluster.replicas or []) == 2  # and the leader
+
+    arun(main(), timeout=60)
+    url = nats_cluster.servers[0].monitor_url
+    assert url is not None
+    with urllib.request.urlopen(f"{url}/varz", timeout=10) as answer:
+        varz = json.load(answer)
+    assert varz["jetstream"]["config"]["sync_always"] is True
