@@ -387,6 +387,7 @@ def register(app: typer.Typer) -> None:
     bench_app.command("codec")(bench_codec)
     bench_app.command("topology")(bench_topology)
     bench_app.command("telemetry")(bench_telemetry)
+    bench_app.command("reliable")(bench_reliable)
     app.add_typer(bench_app, name="bench")
 
 
@@ -462,8 +463,38 @@ def bench_telemetry(
     typer.echo(json.dumps(to_json(result), indent=2) if as_json else format_telemetry_bench(result))
 
 
+def bench_reliable(
+    nats: Annotated[
+        str,
+        typer.Option(
+            "--nats",
+            help="Measure against this NATS server, with JetStream (default: an embedded one).",
+        ),
+    ] = "",
+    messages: Annotated[
+        int, typer.Option(min=100, max=10_000_000, help="Messages per side per round.")
+    ] = 20_000,
+    size: Annotated[int, typer.Option(min=1, max=1 << 20, help="Payload bytes.")] = 256,
+    rounds: Annotated[int, typer.Option(min=1, max=20, help="Rounds, alternating sides.")] = 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+) -> None:
+    """Reliable publish and consume rates: the mesh against raw nats-py JetStream.
+
+    Publish: raw `js.publish_async` with 256 acknowledgements outstanding against 256
+    tasks awaiting `publish(..., reliable=True)`. Consume: a filled work-queue stream
+    drained by a raw durable pull consumer (fetch 64, ack each) against a node with a
+    reliable handler. Best round of each side, and mesh/raw.
+    """
+    from mesh._bench_reliable import format_reliable_bench, run_reliable_bench, to_json
+    from mesh._cli import run
+
+    with _bench_server(nats, jetstream=True) as (url, _):
+        result = run(run_reliable_bench(url, messages=messages, size=size, rounds=rounds))
+    typer.echo(json.dumps(to_json(result), indent=2) if as_json else format_reliable_bench(result))
+
+
 @contextlib.contextmanager
-def _bench_server(url: str) -> Iterator[tuple[str, int | None]]:
+def _bench_server(url: str, *, jetstream: bool = False) -> Iterator[tuple[str, int | None]]:
     """``url``, or an embedded server's URL and pid (started, and stopped on the way out)."""
     from mesh._cli import fail
     from mesh._errors import MeshError
@@ -472,7 +503,7 @@ def _bench_server(url: str) -> Iterator[tuple[str, int | None]]:
     if url:
         yield url, None
         return
-    server = NatsServer(port=0, jetstream=False, monitor_port=None)
+    server = NatsServer(port=0, jetstream=jetstream, monitor_port=None)
     try:
         server.start()
     except MeshError as exc:

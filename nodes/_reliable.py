@@ -77,7 +77,8 @@ class SeenIds:
     forgotten first), in an aiocache memory cache."""
 
     def __init__(self, limit: int = SEEN_IDS) -> None:
-        self._cache = SimpleMemoryCache()
+        # timeout=0: no asyncio.wait_for around each call (it costs more than the lookup).
+        self._cache = SimpleMemoryCache(timeout=0)
         self._order: collections.deque[str] = collections.deque()
         self._limit = limit
 

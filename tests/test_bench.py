@@ -109,3 +109,18 @@ def test_telemetry_bench_reports_both_measurements_for_each_size() -> None:
         assert result["cpu_cost"] >= 0
         assert result["met"] == (result["cpu_cost"] <= 0.05)
     assert "Traceback" not in done.stderr
+
+
+def test_reliable_bench_reports_publish_and_consume_for_both_sides() -> None:
+    done = _mesh("bench", "reliable", "--json", "--messages", "300", "--rounds", "1", timeout=180)
+
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["messages"] == 300
+    assert {(r["side"], r["what"]) for r in report["rates"]} == {
+        (side, what) for side in ("raw", "mesh") for what in ("publish", "consume")
+    }
+    for rate in report["rates"]:
+        _positive(rate, "seconds", "messages")
+    _positive(report["ratios"], "publish", "consume")
+    assert "Traceback" not in done.stderr
