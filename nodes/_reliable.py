@@ -13,7 +13,11 @@ path (same concurrency slots, timeouts, tracing, telemetry), then is settled:
   with the reason;
 - its frame does not decode: moved to the dead letters at once;
 - the node shuts down before it ran, or while it runs: handed back (nak) so
-  another instance takes it now rather than after the acknowledgement timeout.
+  another instance takes it now rather than after the acknowledgement timeout;
+- its last delivery was never settled (the instance died or hung while handling
+  it): JetStream publishes a max-deliveries advisory, one instance of the agent
+  (a queue group on the advisory) moves the message to the dead letters and
+  deletes it from the work queue, where nothing would deliver it again.
 
 A message whose handler is still running when ``ack_wait`` passes would be
 delivered again, so ``ack_wait`` is the handler's timeout plus a margin.
@@ -70,6 +74,8 @@ MAX_ACK_PENDING: Final = 1000
 RETRY_PAUSE: Final = 0.5
 #: Ids of handled messages remembered per handler, to skip redeliveries.
 SEEN_IDS: Final = 100_000
+#: Where JetStream says a message used up its deliveries (``.<stream>.<consumer>``).
+MAX_DELIVERIES_ADVISORY: Final = "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES"
 
 
 class SeenIds:
@@ -123,6 +129,8 @@ class ReliableConsumer:
         self._psub: Any = None
         self._sid = 0
         self._pull: asyncio.Task[None] | None = None
+        self._advisories: Any = None
+        self._stream = ""
         self._stopping = False
 
     async def start(self) -> None:
@@ -154,6 +162,12 @@ class ReliableConsumer:
         self._sid = self._psub._sub._id
         # Reported by the telemetry emitter with the client's subscriptions.
         client._subs[self._sid] = self.subscription
+        self._stream = stream
+        self._advisories = await client.nc.subscribe(
+            f"{MAX_DELIVERIES_ADVISORY}.{stream}.{self.durable}",
+            queue=self.durable,
+            cb=self._on_max_deliveries,
+        )
         self._pull = asyncio.get_running_loop().create_task(
             self._pull_loop(), name=f"{self.runtime.node.name}-reliable-{self.subject}"
         )
@@ -168,9 +182,11 @@ class ReliableConsumer:
                 self._pull.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._pull
+        for sub in (self._advisories, self._psub):
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
         if self._psub is not None:
-            with contextlib.suppress(Exception):
-                await self._psub.unsubscribe()
             self.runtime.client._forget(self.subscription, self._sid)
         await self.seen.close()
 
@@ -296,6 +312,60 @@ class ReliableConsumer:
         )
         await self._settle(jsmsg.term())
 
+    async def _on_max_deliveries(self, msg: Any) -> None:
+        """Dead-letter a message whose last delivery was never settled."""
+        try:
+            advisory = _advisory_decoder.decode(msg.data)
+        except (msgspec.DecodeError, ValueError):
+            log.warning("ignored a malformed max-deliveries advisory on %s", msg.subject)
+            return
+        nc = self.runtime.client.nc
+        try:
+            stored = await nc.jsm(timeout=5).get_msg(self._stream, seq=advisory.stream_seq)
+        except nats.js.errors.NotFoundError:
+            return  # settled after all (acknowledged, or dead-lettered by its handler)
+        except Exception as exc:
+            log.error(
+                "could not read %s #%d to dead-letter it: %s",
+                self._stream,
+                advisory.stream_seq,
+                exc,
+            )
+            return
+        data: bytes = stored.data or b""
+        headers = {
+            H_SUBJECT: self.subject,
+            H_REASON: (
+                f"no acknowledgement after {advisory.deliveries} deliveries: the handler never"
+                " finished (its instance died or hung)"
+            ),
+            H_ATTEMPTS: str(advisory.deliveries),
+            H_AGENT: self.runtime.node.name,
+            H_STREAM_SEQ: f"{self._stream}:{advisory.stream_seq}",
+        }
+        msg_id = _frame_id(data)
+        if msg_id:
+            headers[H_MSG_ID] = msg_id
+        try:
+            await store(
+                nc,
+                dlq_subject(self.subject),
+                data,
+                f"dlq:{self._stream}:{advisory.stream_seq}",
+                headers=headers,
+            )
+            await nc.jsm(timeout=5).delete_msg(self._stream, advisory.stream_seq)
+        except Exception as exc:
+            log.error("could not dead-letter %s #%d: %s", self._stream, advisory.stream_seq, exc)
+            return
+        self.dead_lettered += 1
+        log.warning(
+            "dead-lettered %s #%d: never acknowledged in %d deliveries",
+            self.subject,
+            advisory.stream_seq,
+            advisory.deliveries,
+        )
+
     @staticmethod
     async def _settle(call: Any) -> None:
         """Send an ack/nak/term; a lost one only means a redelivery later."""
@@ -303,6 +373,16 @@ class ReliableConsumer:
             await call
         except Exception as exc:
             log.debug("could not settle a reliable message: %s", exc)
+
+
+class _MaxDeliveries(msgspec.Struct, frozen=True):
+    """JetStream's max-deliveries advisory (the fields used here)."""
+
+    stream_seq: int
+    deliveries: int = 0
+
+
+_advisory_decoder: Final = msgspec.json.Decoder(_MaxDeliveries)
 
 
 def _frame_id(data: bytes) -> str:

@@ -308,3 +308,40 @@ def test_on_a_cluster_streams_are_replicated_and_synced(nats_cluster: NatsCluste
     with urllib.request.urlopen(f"{url}/varz", timeout=10) as answer:
         varz = json.load(answer)
     assert varz["jetstream"]["config"]["sync_always"] is True
+
+
+def test_a_message_never_settled_is_dead_lettered_from_the_advisory(nats_url: str) -> None:
+    """An instance that took a message on its last delivery and died: nothing would
+    deliver it again, so the agent's other instance moves it to the dead letters."""
+
+    async def main() -> None:
+        node = Node("worker", handler_timeout=0.5)  # ack_wait 5.5 s
+
+        @node.handles("work.fragile", reliable=True, max_deliver=1)
+        async def fragile(payload: bytes) -> None:
+            return None
+
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+            NodeRuntime(node, consumer, register=False) as runtime,
+        ):
+            feed = runtime._consumers[0]
+            feed._stopping = True  # this instance stops taking work...
+            assert feed._pull is not None
+            await feed._pull
+            await asyncio.sleep(1.5)  # its last pull request expires on the server too
+            # ...and a doomed one takes the next message and never settles it.
+            doomed = await producer.nc.jetstream().pull_subscribe_bind(
+                feed.durable, stream=stream_name("work.fragile")
+            )
+            await producer.publish("work.fragile", b"lost?", reliable=True, msg_id="m-1")
+            taken = await doomed.fetch(1, timeout=5)
+            assert taken[0].metadata.num_delivered == 1
+            await eventually(lambda: feed.dead_lettered == 1, timeout=20)
+            dead = await producer.nc.jsm().get_msg(DLQ_STREAM, seq=1)
+            assert dead.headers[H_REASON].startswith("no acknowledgement after 1 deliveries")
+            assert dead.headers["Mesh-Msg-Id"] == "m-1"
+            assert await stream_messages(producer, stream_name("work.fragile")) == 0
+
+    arun(main(), timeout=60)
