@@ -306,9 +306,17 @@ def publish(
         str | None, typer.Argument(help="JSON payload, @FILE, or - for stdin.")
     ] = None,
     count: Annotated[int, typer.Option(min=1, help="How many copies to publish.")] = 1,
+    reliable: Annotated[
+        bool,
+        typer.Option(
+            "--reliable",
+            help="Store each message in the subject's JetStream work queue and wait for "
+            "its acknowledgement (a reliable handler takes them, even if it starts later).",
+        ),
+    ] = False,
     nats: NatsUrl = DEFAULT_URL,
 ) -> None:
-    """Publish an event (fire-and-forget); shows progress for large counts."""
+    """Publish an event (fire-and-forget, or --reliable); shows progress for large counts."""
     validate_subject(subject)
     body = parse_payload(payload)
     tracing = cli_tracing("mesh-cli")
@@ -318,7 +326,7 @@ def publish(
             started = time.perf_counter()
             if count < 1000:
                 for _ in range(count):
-                    await client.publish(subject, body)
+                    await client.publish(subject, body, reliable=reliable)
             else:
                 from rich.progress import Progress
 
@@ -326,7 +334,7 @@ def publish(
                     task = progress.add_task(f"publishing to {subject}", total=count)
                     step = max(1, count // 100)
                     for i in range(count):
-                        await client.publish(subject, body)
+                        await client.publish(subject, body, reliable=reliable)
                         if i % step == 0:
                             progress.update(task, completed=i)
             await client.flush(timeout=10)
@@ -338,7 +346,8 @@ def publish(
         if tracing is not None:
             tracing.shutdown()
     rate = f" ({count / elapsed:,.0f} msg/s)" if count >= 1000 and elapsed > 0 else ""
-    typer.secho(f"published {count} message(s) to {subject}{rate}", err=True)
+    stored = " (stored)" if reliable else ""
+    typer.secho(f"published {count} message(s) to {subject}{stored}{rate}", err=True)
 
 
 @app.command()

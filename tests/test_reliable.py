@@ -345,3 +345,15 @@ def test_a_message_never_settled_is_dead_lettered_from_the_advisory(nats_url: st
             assert await stream_messages(producer, stream_name("work.fragile")) == 0
 
     arun(main(), timeout=60)
+
+
+def test_mesh_publish_reliable_stores_the_messages(nats_url: str) -> None:
+    done = mesh("publish", "work.cli", '{"n": 1}', "--reliable", "--count", "3", "--nats", nats_url)
+    assert done.code == 0, done.err
+    assert "published 3 message(s) to work.cli (stored)" in done.err
+
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="checker") as client:
+            assert await stream_messages(client, stream_name("work.cli")) == 3
+
+    arun(main())
