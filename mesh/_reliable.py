@@ -60,8 +60,12 @@ STREAM_MAX_BYTES: Final = 1 << 30
 DLQ_MAX_MSGS: Final = 100_000
 DLQ_MAX_BYTES: Final = 1 << 30
 DLQ_MAX_AGE: Final = 14 * 24 * 3600.0
-#: How long a reliable publish waits for the stream's acknowledgement.
+#: How long a reliable publish waits for the stream's acknowledgement, retries included.
 PUBLISH_TIMEOUT: Final = 5.0
+#: One attempt's wait, and the pauses between attempts (doubling).
+ATTEMPT_TIMEOUT: Final = 2.0
+RETRY_PAUSE: Final = 0.05
+MAX_RETRY_PAUSE: Final = 0.5
 #: Streams remembered as ready per client (more are checked again on use).
 MAX_KNOWN_STREAMS: Final = 1024
 
@@ -81,6 +85,7 @@ _CLOSED: Final = (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrain
 _ERR_STREAM_NAME_IN_USE: Final = 10058
 _ERR_SUBJECTS_OVERLAP: Final = 10065
 _ERR_REPLICAS_NOT_SUPPORTED: Final = 10074
+_UNAVAILABLE: Final = 503
 
 
 _MSG_ID: Final = re.compile(r"[!-~]{1,128}")
@@ -171,36 +176,53 @@ async def store(
 ) -> PubAck:
     """Publish ``frame`` to the stream of ``subject`` and wait for its acknowledgement.
 
-    Raises :class:`PublishNotConfirmed` when the outcome is unknown (no answer in
-    time, or the connection dropped meanwhile), :class:`PublishRefused` when JetStream
-    answered no, :class:`PublishBufferFull` and :class:`ClientClosed` as publish does.
+    Within ``timeout`` an attempt that got no answer, or found no stream leader (an
+    election after a server died), is repeated with the same ``msg_id``, which the
+    stream stores once. Raises :class:`PublishNotConfirmed` when the outcome is
+    unknown (an attempt may have been stored), :class:`PublishRefused` when JetStream
+    said no (or nothing ever answered for the subject), :class:`PublishBufferFull`
+    and :class:`ClientClosed` as publish does.
     """
     hdrs = {MSG_ID_HEADER: msg_id}
     if headers:
         hdrs.update(headers)
-    try:
-        reply = await nc.request(subject, frame, timeout=timeout, headers=hdrs)
-    except nats.errors.NoRespondersError:
-        raise PublishRefused(
-            subject, "no stream stores this subject (was its stream deleted?)"
-        ) from None
-    except nats.errors.TimeoutError:
-        raise PublishNotConfirmed(subject, msg_id, timeout) from None
-    except nats.errors.OutboundBufferLimitError:
-        raise PublishBufferFull(subject, nc._max_pending_size) from None
-    except _CLOSED:
-        raise ClientClosed() from None
-    except nats.errors.Error as exc:  # the connection dropped with the request in flight
-        raise PublishNotConfirmed(
-            subject, msg_id, timeout, str(exc) or type(exc).__name__
-        ) from None
-    try:
-        ack = _pub_ack_decoder.decode(reply.data)
-    except (msgspec.DecodeError, ValueError) as exc:
-        raise PublishNotConfirmed(subject, msg_id, timeout, f"unreadable answer: {exc}") from None
-    if ack.error is not None:
-        raise PublishRefused(subject, ack.error.description or f"error {ack.error.err_code}")
-    return ack
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    uncertain = ""  # why an earlier attempt may have been stored
+    refused = ""
+    pause = RETRY_PAUSE
+    while (remaining := deadline - loop.time()) > 0:
+        try:
+            reply = await nc.request(
+                subject, frame, timeout=min(remaining, ATTEMPT_TIMEOUT), headers=hdrs
+            )
+        except nats.errors.NoRespondersError:
+            refused = "no JetStream server answered for it (no stream, or a leader election)"
+        except nats.errors.TimeoutError:
+            uncertain = f"no acknowledgement from JetStream within {timeout:g}s"
+        except nats.errors.OutboundBufferLimitError:
+            raise PublishBufferFull(subject, nc._max_pending_size) from None
+        except _CLOSED:
+            raise ClientClosed() from None
+        except nats.errors.Error as exc:  # the connection dropped with the request in flight
+            uncertain = str(exc) or type(exc).__name__
+        else:
+            try:
+                ack = _pub_ack_decoder.decode(reply.data)
+            except (msgspec.DecodeError, ValueError) as exc:
+                uncertain = f"unreadable answer: {exc}"
+            else:
+                if ack.error is None:
+                    return ack
+                description = ack.error.description or f"error {ack.error.err_code}"
+                if ack.error.code != _UNAVAILABLE:
+                    raise PublishRefused(subject, description)
+                refused = description  # JetStream temporarily unavailable: try again
+        await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
+        pause = min(pause * 2, MAX_RETRY_PAUSE)
+    if uncertain:
+        raise PublishNotConfirmed(subject, msg_id, timeout, uncertain)
+    raise PublishRefused(subject, f"{refused or 'no answer'}, for {timeout:g}s")
 
 
 class ReliableStreams:
