@@ -25,7 +25,13 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from mesh._client import DEFAULT_REQUEST_TIMEOUT, DEFAULT_URL, MAX_TIMEOUT, MeshClient
+from mesh._client import (
+    DEFAULT_REQUEST_TIMEOUT,
+    DEFAULT_URL,
+    DENIED_LOG_KEY,
+    MAX_TIMEOUT,
+    MeshClient,
+)
 from mesh._errors import ConnectionFailed, MeshError
 from mesh._message import Message
 from mesh._names import validate_subject
@@ -80,12 +86,24 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
         raise typer.Exit(EXIT_INTERRUPTED) from None
 
 
+def _hide_denials(record: logging.LogRecord) -> bool:
+    """One-shot commands raise a refused publish or subscription as their own `error:`
+    line; the log line saying the same would make two."""
+    return not getattr(record, DENIED_LOG_KEY, False)
+
+
+logging.getLogger("mesh.client").addFilter(_hide_denials)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # A long-running process reports every refusal (a handler's publish has no caller
+    # to raise it to).
+    logging.getLogger("mesh.client").removeFilter(_hide_denials)
 
 
 def cli_tracing(service_name: str) -> Tracing | None:
@@ -169,7 +187,63 @@ def _print_version(value: bool) -> None:
         raise typer.Exit()
 
 
-@app.callback()
+# One line per paragraph: the help renderer keeps line breaks.
+_ROOT_HELP = (
+    "natsmesh: a message-bus mesh for AI agents over NATS.\n\n"
+    "Credentials: every command connects with the standard NATS variables, as the nats CLI "
+    "does: NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_NKEY or NATS_CREDS (one of them); "
+    "NATS_CA, NATS_CERT and NATS_KEY for TLS (NATS_TLS_HOSTNAME when the server's "
+    "certificate names another host); NATS_INBOX_PREFIX where the server confines the user "
+    "to its own inbox.\n\n"
+    "The options below, given before the command, set those variables for the command and "
+    "for every node process it starts (`mesh up`), replacing any other way to authenticate "
+    "set in the environment, e.g. `mesh --user planner --inbox-prefix _INBOX_planner node "
+    "run nodes.examples.pipeline:planner`. A setting that cannot work is an error before "
+    "anything connects."
+)
+_CREDENTIALS_PANEL = "Credentials"
+# Ways to authenticate: one given on the command line replaces the environment's others.
+_AUTH_METHODS = (("NATS_USER", "NATS_PASSWORD"), ("NATS_TOKEN",), ("NATS_NKEY",), ("NATS_CREDS",))
+_FILE_VARIABLES = frozenset({"NATS_NKEY", "NATS_CREDS", "NATS_CA", "NATS_CERT", "NATS_KEY"})
+
+
+def _credential(flag: str, variable: str, metavar: str, what: str) -> Any:
+    return typer.Option(
+        flag,
+        metavar=metavar,
+        help=f"{what} [{variable}]",
+        rich_help_panel=_CREDENTIALS_PANEL,
+        show_default=False,
+    )
+
+
+def _use_credentials(given: dict[str, str | None]) -> None:
+    """Put the credentials given on the command line in the ``NATS_*`` variables, for
+    this process and the node processes it starts, and check them before anything runs.
+    """
+    from mesh._auth import connect_options
+    from mesh._errors import InvalidCredentials
+
+    chosen = {variable: value for variable, value in given.items() if value is not None}
+    if not chosen:
+        return
+    if any(chosen.keys() & set(method) for method in _AUTH_METHODS):
+        for method in _AUTH_METHODS:
+            if not chosen.keys() & set(method):
+                for variable in method:
+                    os.environ.pop(variable, None)
+    for variable, value in chosen.items():
+        if variable in _FILE_VARIABLES and value:
+            # Absolute: a node process may run from another directory.
+            value = os.path.abspath(os.path.expanduser(value))
+        os.environ[variable] = value
+    try:
+        connect_options()
+    except InvalidCredentials as exc:
+        raise fail(str(exc), EXIT_USAGE) from None
+
+
+@app.callback(help=_ROOT_HELP)
 def _root(
     version: Annotated[
         bool,
@@ -177,8 +251,66 @@ def _root(
             "--version", help="Print the version and exit.", is_eager=True, callback=_print_version
         ),
     ] = False,
+    user: Annotated[
+        str | None, _credential("--user", "NATS_USER", "USER", "User name, with --password.")
+    ] = None,
+    password: Annotated[
+        str | None,
+        _credential(
+            "--password",
+            "NATS_PASSWORD",
+            "PASSWORD",
+            "The user's password (other users can see it in the process list: prefer the "
+            "variable).",
+        ),
+    ] = None,
+    token: Annotated[
+        str | None, _credential("--token", "NATS_TOKEN", "TOKEN", "Authentication token.")
+    ] = None,
+    nkey: Annotated[
+        str | None, _credential("--nkey", "NATS_NKEY", "FILE", "File with the user's NKEY seed.")
+    ] = None,
+    creds: Annotated[
+        str | None,
+        _credential("--creds", "NATS_CREDS", "FILE", "Credentials file: user JWT and NKEY seed."),
+    ] = None,
+    tls_ca: Annotated[
+        str | None,
+        _credential("--tls-ca", "NATS_CA", "FILE", "CA certificates (PEM) to verify the server."),
+    ] = None,
+    tls_cert: Annotated[
+        str | None,
+        _credential("--tls-cert", "NATS_CERT", "FILE", "Client certificate (PEM) for mutual TLS."),
+    ] = None,
+    tls_key: Annotated[
+        str | None,
+        _credential("--tls-key", "NATS_KEY", "FILE", "Private key of --tls-cert (PEM)."),
+    ] = None,
+    inbox_prefix: Annotated[
+        str | None,
+        _credential(
+            "--inbox-prefix",
+            "NATS_INBOX_PREFIX",
+            "PREFIX",
+            "Prefix of reply inboxes, e.g. _INBOX_planner where the server confines the "
+            "user to its own.",
+        ),
+    ] = None,
 ) -> None:
-    """natsmesh: a message-bus mesh for AI agents over NATS."""
+    """Global options: the version, and credentials for every command (see _ROOT_HELP)."""
+    _use_credentials(
+        {
+            "NATS_USER": user,
+            "NATS_PASSWORD": password,
+            "NATS_TOKEN": token,
+            "NATS_NKEY": nkey,
+            "NATS_CREDS": creds,
+            "NATS_CA": tls_ca,
+            "NATS_CERT": tls_cert,
+            "NATS_KEY": tls_key,
+            "NATS_INBOX_PREFIX": inbox_prefix,
+        }
+    )
 
 
 @app.command()

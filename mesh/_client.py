@@ -23,11 +23,14 @@ from nats.aio.client import Client as Nats
 from nats.aio.msg import Msg
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from mesh import _denials
+from mesh._auth import connect_options, refusal
 from mesh._codec import CodecEngine
 from mesh._dictionaries import DictionaryStore
 from mesh._errors import (
     ClientClosed,
     ConnectionFailed,
+    CredentialsRefused,
     FlushTimeout,
     MalformedMessage,
     MeshError,
@@ -67,6 +70,8 @@ from mesh._wire import (
 )
 
 log = logging.getLogger("mesh.client")
+#: Set on log records of permission violations; the CLI reports them as its error.
+DENIED_LOG_KEY: Final = "mesh_denied"
 
 T = TypeVar("T")
 
@@ -137,6 +142,7 @@ class MeshClient:
         self._published = 0
         self._published_bytes = 0
         self._malformed = 0
+        self._flushed_denials = _denials.mark()
         self._disconnects = 0
         self._reconnects = 0
         self._closed = False
@@ -161,10 +167,14 @@ class MeshClient:
         ``connect_timeout`` seconds. After the first connection the client
         reconnects forever, buffering up to ``reconnect_buffer`` bytes of
         publishes meanwhile. Extra ``options`` go to ``nats.connect``
-        (credentials, TLS).
+        (credentials, TLS); those not given come from the ``NATS_*`` variables
+        (:func:`mesh._auth.connect_options`: :class:`InvalidCredentials` if they
+        cannot work, :class:`CredentialsRefused` if the server refuses them).
         """
         validate_agent_name(name)
         servers = [u.strip() for u in url.split(",")] if isinstance(url, str) else list(url)
+        # Credentials, TLS and inbox prefix from NATS_* (mesh._auth); the caller's win.
+        options = {**connect_options(servers=servers), **options}
         nc = Nats()
         client = cls(nc, name=name, tracing=tracing, telemetry=telemetry)
         last_error: list[BaseException] = []
@@ -210,6 +220,8 @@ class MeshClient:
             client._closed = True
             await _close_quietly(nc)
             reason = last_error[0] if last_error else exc
+            if refused := refusal(reason, nc._server_info or {}):
+                raise CredentialsRefused(", ".join(servers), refused) from None
             raise ConnectionFailed(", ".join(servers), _describe(reason)) from None
         connected = True
         return client
@@ -240,8 +252,12 @@ class MeshClient:
         """Return once the server has processed everything sent so far, subscriptions
         included: a message published after this reaches a subscription made before it.
 
-        Raises :class:`FlushTimeout` (a TimeoutError) after ``timeout`` seconds.
+        Raises :class:`FlushTimeout` (a TimeoutError) after ``timeout`` seconds, and
+        :class:`PermissionDenied` when the server refused a publish or subscription
+        this client made since its previous flush.
         """
+        mark = self._flushed_denials
+        self._flushed_denials = _denials.mark()
         try:
             async with asyncio.timeout(timeout):
                 # nats-py writes a flush's PING straight to the socket, ahead of commands its
@@ -256,6 +272,9 @@ class MeshClient:
             raise ClientClosed() from None
         except (TimeoutError, nats.errors.TimeoutError):
             raise FlushTimeout(timeout) from None
+        denied = _denials.since(mark, owner=id(self))
+        if denied is not None:
+            raise denied
 
     @property
     def connected(self) -> bool:
@@ -303,6 +322,11 @@ class MeshClient:
                 sub.counters.dropped += 1
             return
         if self._closed:
+            return
+        denied = _denials.record(str(exc), id(self))
+        if denied is not None:
+            # The call waiting on it reports it too; the CLI shows only that (one line).
+            log.warning("%s", denied, extra={DENIED_LOG_KEY: True})
             return
         if self.nc.is_connected and not isinstance(exc, _CONNECTION_LOST):
             log.warning("NATS error: %s", _describe(exc))
@@ -483,13 +507,19 @@ class MeshClient:
                 if codec:
                     counters.compressed += 1
             started = time.perf_counter_ns()
+            mark = _denials.mark()
             try:
                 try:
                     reply = await self.nc.request(subject, frame, timeout=timeout)
                 except nats.errors.NoRespondersError:
                     raise NoResponders(subject) from None
                 except nats.errors.TimeoutError:
-                    raise RequestTimeout(subject, timeout) from None
+                    # Refused by the server (the request or our inbox), not unanswered?
+                    me = id(self)
+                    denied = _denials.since(mark, owner=me, subject=subject) or _denials.since(
+                        mark, owner=me, prefix=self.nc._inbox_prefix.decode()
+                    )
+                    raise denied or RequestTimeout(subject, timeout) from None
                 except nats.errors.OutboundBufferLimitError:
                     raise PublishBufferFull(subject, self.nc._max_pending_size) from None
                 except _CLOSED:

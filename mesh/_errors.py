@@ -9,7 +9,9 @@ OS) are translated at the edge, so callers catch mesh errors only::
     ├── PayloadError (+ ValueError)
     │   ├── PayloadTooLarge                 over the server's max_payload
     │   └── MalformedMessage                bytes from the wire that do not decode
+    ├── InvalidCredentials (+ ValueError)   credentials or TLS settings that cannot be used
     ├── ConnectionFailed (+ ConnectionError) no server reachable at the URL
+    │   └── CredentialsRefused              the server refused the credentials (or none)
     ├── NatsServerError
     │   ├── NatsServerNotFound              no nats-server binary installed
     │   └── NatsServerStartError            the binary ran but never became ready
@@ -18,6 +20,7 @@ OS) are translated at the edge, so callers catch mesh errors only::
     │   ├── RequestTimeout (+ TimeoutError) no reply within the timeout
     │   └── RemoteError                     the handler raised; carries its type and message
     ├── PublishBufferFull                   disconnected and the reconnect buffer is full
+    ├── PermissionDenied                    the server does not let this user do that
     ├── ReliableError
     │   ├── PublishNotConfirmed (+ TimeoutError) no JetStream acknowledgement: outcome unknown
     │   ├── PublishRefused                  JetStream refused to store the message
@@ -98,6 +101,29 @@ class ConnectionFailed(MeshError, ConnectionError):
         super().__init__(
             f"cannot reach NATS at {url}: {reason}. Start a server with `mesh server`, "
             "or point --nats / MESH_NATS_URL at a running one"
+        )
+
+
+class InvalidCredentials(MeshError, ValueError):
+    """A credential or TLS setting (``NATS_*``) that cannot be used, found before connecting."""
+
+    def __init__(self, setting: str, reason: str) -> None:
+        self.setting = setting
+        self.reason = reason
+        super().__init__(f"{setting}: {reason}")
+
+
+class CredentialsRefused(ConnectionFailed):
+    """The server answered and refused the connection's credentials (or their absence)."""
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        # Not ConnectionFailed's message: the server was reached, and is running.
+        super(ConnectionFailed, self).__init__(
+            f"NATS at {url} refused the connection ({reason}): give the credentials of a "
+            "user it knows, with NATS_USER and NATS_PASSWORD, NATS_TOKEN, NATS_NKEY or "
+            "NATS_CREDS (or `mesh --user/--password`, `--token`, `--nkey`, `--creds`)",
         )
 
 
@@ -182,6 +208,19 @@ class PublishBufferFull(MeshError):
         super().__init__(
             f"cannot publish to {subject!r}: disconnected from NATS and the "
             f"{buffer_bytes}-byte reconnect buffer is full; retry after reconnect"
+        )
+
+
+class PermissionDenied(MeshError):
+    """The server refused a publish or subscription: this user may not use the subject."""
+
+    def __init__(self, operation: str, subject: str) -> None:
+        self.operation = operation
+        self.subject = subject
+        super().__init__(
+            f"the NATS server does not let this user {operation} {subject!r} (permissions "
+            "violation): connect with credentials allowed to (--user/--creds, NATS_*), or "
+            "ask the operator to grant it"
         )
 
 

@@ -27,6 +27,7 @@ import nats.js.errors
 from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KV_DEL, KV_PURGE, KeyValue
 
+from mesh import _denials
 from mesh._client import MeshClient
 from mesh._errors import (
     ClientClosed,
@@ -66,6 +67,7 @@ _DELETED: Final = (KV_DEL, KV_PURGE)
 @contextlib.contextmanager
 def translate_errors(timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
     """Turn nats-py's errors from a KV call into the mesh's."""
+    mark = _denials.mark()
     try:
         yield
     except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -77,6 +79,10 @@ def translate_errors(timeout: float = DEFAULT_TIMEOUT) -> Iterator[None]:
     except nats.js.errors.NotFoundError:
         raise JetStreamUnavailable(_WHAT, "it does not exist (was it deleted?)") from None
     except (TimeoutError, nats.errors.TimeoutError):
+        # No answer because the server refused the request itself?
+        denied = _denials.since(mark, prefix="$JS.") or _denials.since(mark, prefix="$KV.")
+        if denied is not None:
+            raise denied from None
         raise JetStreamUnavailable(_WHAT, f"JetStream did not answer within {timeout:g}s") from None
     except nats.js.errors.APIError as exc:
         raise MeshError(f"JetStream refused a request on {_WHAT}: {exc.description}") from None

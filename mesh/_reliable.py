@@ -31,6 +31,7 @@ import nats.errors
 import nats.js.errors
 from nats.js import api
 
+from mesh import _denials
 from mesh._errors import (
     ClientClosed,
     InvalidName,
@@ -190,6 +191,7 @@ async def store(
     deadline = loop.time() + timeout
     uncertain = ""  # why an earlier attempt may have been stored
     refused = ""
+    mark = _denials.mark()
     pause = RETRY_PAUSE
     while (remaining := deadline - loop.time()) > 0:
         try:
@@ -220,6 +222,9 @@ async def store(
                 refused = description  # JetStream temporarily unavailable: try again
         await asyncio.sleep(min(pause, max(0.0, deadline - loop.time())))
         pause = min(pause * 2, MAX_RETRY_PAUSE)
+    denied = _denials.since(mark, subject=subject)
+    if denied is not None:
+        raise denied  # never stored: the server refused the publish
     if uncertain:
         raise PublishNotConfirmed(subject, msg_id, timeout, uncertain)
     raise PublishRefused(subject, f"{refused or 'no answer'}, for {timeout:g}s")

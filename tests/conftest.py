@@ -7,8 +7,16 @@ from pathlib import Path
 
 import pytest
 
+from mesh._auth import ENV_VARS as _CREDENTIAL_VARIABLES
 from mesh._cluster import NatsCluster
 from mesh._server import NatsServer
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_credentials(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests choose their credentials: a developer's NATS_* variables must not leak in."""
+    for variable in _CREDENTIAL_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
 
 
 @pytest.fixture
