@@ -21,6 +21,7 @@ from typing import Any
 import msgspec
 import nats
 import nats.errors
+import nkeys
 import pytest
 from _access import (
     NODE_USERS,
@@ -405,6 +406,24 @@ def test_a_token_from_the_environment(tmp_path: Path, clean_env: pytest.MonkeyPa
             with pytest.raises(CredentialsRefused):
                 await MeshClient.connect(srv.url, connect_timeout=1.0)
             clean_env.setenv("NATS_TOKEN", "s3cret-token")
+            async with await MeshClient.connect(srv.url) as nc:
+                await nc.flush()
+
+        arun(main())
+
+
+def test_an_nkey_from_the_environment(tmp_path: Path, clean_env: pytest.MonkeyPatch) -> None:
+    seed = nkeys.encode_seed(os.urandom(32), nkeys.PREFIX_BYTE_USER)
+    public = nkeys.from_seed(bytearray(seed)).public_key.decode()
+    (tmp_path / "user.nk").write_bytes(seed + b"\n")
+    config = tmp_path / "nkey.conf"
+    config.write_text(f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n')
+    with NatsServer(store_dir=tmp_path / "store", config_file=config, monitor_port=None) as srv:
+
+        async def main() -> None:
+            with pytest.raises(CredentialsRefused):
+                await MeshClient.connect(srv.url, connect_timeout=1.0)
+            clean_env.setenv("NATS_NKEY", str(tmp_path / "user.nk"))
             async with await MeshClient.connect(srv.url) as nc:
                 await nc.flush()
 
