@@ -62,6 +62,7 @@ from mesh._wire import (
     ErrorReply,
     Kind,
     RemoteFailure,
+    decode_failure,
     decode_frame,
     decode_payload,
     encode_frame,
@@ -103,7 +104,6 @@ _CONNECTION_LOST: Final = (
 )
 _ERROR_CODE_HEADER: Final = "Nats-Service-Error-Code"
 _error_json = msgspec.json.Encoder().encode
-_failure_decoder: Final = msgspec.json.Decoder(RemoteFailure)
 
 
 class MeshClient:
@@ -695,9 +695,12 @@ class MeshClient:
                     try:
                         body = await decompress(body, envelope, m.subject)
                     except MalformedMessage as exc:
-                        counters.decode_failed(sender)
+                        # Counted in this interval's counters: a dictionary fetch may
+                        # have outlived the snapshot that swapped them.
+                        sub.counters.decode_failed(sender)
                         await on_malformed(m, exc)
                         return
+                    counters = sub.counters
                     # The message handed on describes the body it carries: plain.
                     envelope = msgspec.structs.replace(envelope, codec=Codec.NONE, dictionary=0)
             else:
@@ -761,10 +764,7 @@ class MeshClient:
             if envelope.codec:
                 body = await self.codec.decode(body, envelope, subject)
             if envelope.kind is Kind.ERROR:
-                try:
-                    failure = _failure_decoder.decode(body)
-                except (msgspec.DecodeError, ValueError) as exc:
-                    raise MalformedMessage(subject, f"unreadable error reply: {exc}") from None
+                failure = decode_failure(body, subject)
                 raise RemoteError(subject, failure.type, failure.message, failure.node)
             return decode_payload(body, envelope.content_type, type_, subject)
         headers = reply.headers

@@ -10,8 +10,15 @@ dictionary id, so a receiver never silently mis-decodes: a frame is refused (as
 :class:`MalformedMessage`) when its dictionary differs from the envelope's, when it
 declares more than ``max_decompressed`` bytes (checked in the frame header, before
 anything is allocated), when it needs a larger window than allowed, when it does not
-declare its size or carry a checksum, and when it is corrupt, truncated or followed
-by trailing bytes.
+declare its size or carry a checksum, and when it is corrupt, truncated, followed by
+trailing bytes or decompresses to another size than it declared.
+
+The frame header is checked before its dictionary is looked for, so only a frame that
+could be decoded makes the engine fetch a dictionary it does not hold. Fetches that
+find nothing are bounded too (:data:`MISSING_PER_SECOND`): a sender inventing
+dictionary ids gets its frames refused, not one JetStream request per frame. A
+dictionary is checked when it is installed (zstd must be able to load it), so a
+corrupt one is refused once instead of failing every frame.
 
 Compressors (per level and dictionary), decompressors and dictionaries are built once
 and kept in bounded caches; an entry pushed out is counted and rebuilt on next use.
@@ -47,6 +54,10 @@ RETRY_MISSING_AFTER: Final = 5.0
 MAX_MISSING: Final = 256
 #: zstd dictionary ids are 32-bit.
 MAX_DICTIONARY_ID: Final = 2**32 - 1
+#: Fetches that found no dictionary, per second, past which unknown dictionary ids are
+#: refused without asking the store; up to :data:`MISSING_BURST` at once.
+MISSING_PER_SECOND: Final = 1.0
+MISSING_BURST: Final = 16
 
 _CONTENT_SIZE_UNKNOWN: Final = zstandard.CONTENTSIZE_UNKNOWN
 _CONTENT_SIZE_ERROR: Final = zstandard.CONTENTSIZE_ERROR
@@ -57,7 +68,10 @@ class CodecStats(msgspec.Struct, frozen=True, kw_only=True):
 
     ``raw_sent`` counts bodies a zstd policy left uncompressed (under ``min_size``, or
     not smaller compressed); ``missing_dictionary`` those sent raw because the policy's
-    dictionary was not loaded; ``evictions`` cache entries pushed out by the bound.
+    dictionary was not loaded; ``evictions`` cache entries pushed out by the bound;
+    ``fetches_refused`` frames refused without asking the store for their unknown
+    dictionary, because too many such fetches had found nothing (each is also a decode
+    failure).
     """
 
     compressed: int
@@ -66,11 +80,31 @@ class CodecStats(msgspec.Struct, frozen=True, kw_only=True):
     decode_failures: int
     dictionary_fetches: int
     evictions: int
+    fetches_refused: int
 
 
 def dictionary_id(data: bytes) -> int:
     """The id a zstd dictionary carries (0 when ``data`` is not a zstd dictionary)."""
     return int(zstandard.ZstdCompressionDict(data).dict_id())
+
+
+def check_dictionary(data: bytes) -> int:
+    """The id of ``data`` if zstd can compress and decompress with it.
+
+    Raises :class:`ValueError` when ``data`` is not a zstd dictionary with an id, or
+    when its header is right but zstd cannot load its tables (a corrupt dictionary:
+    every frame would fail with it).
+    """
+    dictionary = dictionary_id(data)
+    if dictionary == 0:
+        raise ValueError("not a zstd dictionary: no dictionary header or id 0")
+    try:
+        loaded = zstandard.ZstdCompressionDict(data)
+        zstandard.ZstdDecompressor(dict_data=loaded)
+        zstandard.ZstdCompressor(level=MIN_ZSTD_LEVEL, dict_data=loaded).compress(b"\0")
+    except zstandard.ZstdError as exc:
+        raise ValueError(f"zstd cannot load dictionary {dictionary}: {exc}") from None
+    return dictionary
 
 
 class CodecEngine:
@@ -109,6 +143,10 @@ class CodecEngine:
         self._decode_failures = 0
         self._dictionary_fetches = 0
         self._evictions = 0
+        self._fetches_refused = 0
+        # A token bucket: a fetch that finds nothing takes a token.
+        self._missing_budget = float(MISSING_BURST)
+        self._budget_time = time.monotonic()
 
     @property
     def stats(self) -> CodecStats:
@@ -119,6 +157,7 @@ class CodecEngine:
             decode_failures=self._decode_failures,
             dictionary_fetches=self._dictionary_fetches,
             evictions=self._evictions,
+            fetches_refused=self._fetches_refused,
         )
 
     # -- dictionaries ------------------------------------------------------------
@@ -126,11 +165,10 @@ class CodecEngine:
     def add_dictionary(self, data: bytes) -> int:
         """Make a zstd dictionary usable at once, without the store; return its id.
 
-        Raises :class:`ValueError` when ``data`` is not a zstd dictionary with an id.
+        Raises :class:`ValueError` when ``data`` is not a zstd dictionary with an id,
+        or one zstd cannot load.
         """
-        dictionary = dictionary_id(data)
-        if dictionary == 0:
-            raise ValueError("not a zstd dictionary: no dictionary header or id 0")
+        dictionary = check_dictionary(data)
         self._install(dictionary, data)
         return dictionary
 
@@ -149,7 +187,12 @@ class CodecEngine:
         if self.dictionaries is None:
             raise DictionaryNotFound(dictionary, "no dictionary store is configured")
         data = await self.dictionaries.get(dictionary)
-        carried = dictionary_id(data)
+        try:
+            carried = check_dictionary(data)
+        except ValueError as exc:
+            raise DictionaryNotFound(
+                dictionary, f"the store returned no usable one: {exc}"
+            ) from None
         if carried != dictionary:
             raise DictionaryNotFound(
                 dictionary, f"the store returned a dictionary with id {carried} instead"
@@ -227,8 +270,9 @@ class CodecEngine:
 
         Fetches (once) a dictionary it does not hold yet. Raises
         :class:`MalformedMessage` for anything it cannot decode exactly: an unknown
-        codec, a dictionary that cannot be had, a frame over the size or window limits,
-        a corrupt, truncated or mismatched frame, trailing data.
+        codec, a dictionary that cannot be had (or is not asked for: too many fetches
+        found nothing lately), a frame over the size or window limits, a corrupt,
+        truncated or mismatched frame, trailing data.
         """
         if envelope.codec == Codec.NONE:
             return bytes(body)
@@ -236,9 +280,17 @@ class CodecEngine:
         if decoded is not None:
             return decoded
         dictionary = envelope.dictionary
+        if not self._may_fetch():
+            self._fetches_refused += 1
+            raise self._malformed(
+                subject,
+                f"dictionary {dictionary} is unknown and was not fetched: too many unknown "
+                "dictionaries were asked for lately",
+            )
         try:
             await self._fetch(dictionary)
         except DictionaryNotFound as exc:
+            self._missing_budget = max(0.0, self._missing_budget - 1)
             if len(self._missing) >= MAX_MISSING:
                 self._evictions += len(self._missing)
                 self._missing.clear()
@@ -251,10 +303,22 @@ class CodecEngine:
             raise self._malformed(subject, f"dictionary {dictionary} could not be kept loaded")
         return decoded
 
+    def _may_fetch(self) -> bool:
+        """True unless fetches that found nothing used up the budget (refilled over time)."""
+        now = time.monotonic()
+        budget = self._missing_budget + (now - self._budget_time) * MISSING_PER_SECOND
+        self._missing_budget = min(float(MISSING_BURST), budget)
+        self._budget_time = now
+        return self._missing_budget >= 1
+
     def decode_cached(
         self, body: bytes | memoryview, envelope: Envelope, subject: str
     ) -> bytes | None:
-        """:meth:`decode` without I/O: ``None`` when a dictionary must be fetched first."""
+        """:meth:`decode` without I/O: ``None`` when a dictionary must be fetched first.
+
+        The frame header is checked before that answer, so ``None`` means the frame
+        is worth a fetch.
+        """
         codec = envelope.codec
         if codec == Codec.NONE:
             return bytes(body)
@@ -262,9 +326,10 @@ class CodecEngine:
             raise self._malformed(subject, f"unknown codec {int(codec)}")
         dictionary = envelope.dictionary
         decompressor = self._decompressors.get(dictionary)
+        if decompressor is None and not 0 <= dictionary <= MAX_DICTIONARY_ID:
+            raise self._malformed(subject, f"dictionary id {dictionary} is out of range")
+        size = self._check_frame(body, dictionary, subject)
         if decompressor is None:
-            if not 0 <= dictionary <= MAX_DICTIONARY_ID:
-                raise self._malformed(subject, f"dictionary id {dictionary} is out of range")
             if dictionary and dictionary not in self._dictionaries:
                 if self.dictionaries is None:
                     raise self._malformed(
@@ -278,7 +343,27 @@ class CodecEngine:
                     )
                 return None
             decompressor = self._decompressor(dictionary)
-        return self._decompress(decompressor, body, dictionary, subject)
+        try:
+            if not size:
+                return self._decompress_empty(decompressor, body, subject)
+            return decompressor.decompress(
+                body, max_output_size=self.max_decompressed, allow_extra_data=False
+            )
+        except zstandard.ZstdError as exc:
+            raise self._malformed(subject, f"corrupt zstd frame: {exc}") from None
+
+    def _decompress_empty(
+        self, decompressor: zstandard.ZstdDecompressor, body: bytes | memoryview, subject: str
+    ) -> bytes:
+        # decompress() answers b"" for a frame that declares no content without reading
+        # the rest of it: a corrupt, truncated or trailed frame would pass. Streamed, the
+        # whole frame is checked (never sent by a mesh client: an empty body goes raw).
+        stream = decompressor.decompressobj()
+        if stream.decompress(body) or not stream.eof or stream.unused_data:
+            raise self._malformed(
+                subject, "corrupt zstd frame: it declares no content but does not end there"
+            )
+        return b""
 
     def _decompressor(self, dictionary: int) -> zstandard.ZstdDecompressor:
         data = self._dictionaries[dictionary] if dictionary else None
@@ -289,14 +374,10 @@ class CodecEngine:
         _bounded_put(self, self._decompressors, dictionary, decompressor)
         return decompressor
 
-    def _decompress(
-        self,
-        decompressor: zstandard.ZstdDecompressor,
-        body: bytes | memoryview,
-        dictionary: int,
-        subject: str,
-    ) -> bytes:
-        # The frame header is read first so that nothing is allocated for a frame that
+    def _check_frame(self, body: bytes | memoryview, dictionary: int, subject: str) -> int:
+        """Refuse a frame by its header alone (size, window, dictionary, checksum); return
+        the size it declares."""
+        # Read before decompressing so that nothing is allocated for a frame that
         # declares a huge size: decompress() would allocate the declared size up front.
         try:
             frame = zstandard.get_frame_parameters(body)
@@ -325,12 +406,7 @@ class CodecEngine:
             )
         if not frame.has_checksum:
             raise self._malformed(subject, "the zstd frame carries no checksum")
-        try:
-            return decompressor.decompress(
-                body, max_output_size=self.max_decompressed, allow_extra_data=False
-            )
-        except zstandard.ZstdError as exc:
-            raise self._malformed(subject, f"corrupt zstd frame: {exc}") from None
+        return int(size)
 
     def _malformed(self, subject: str, reason: str) -> MalformedMessage:
         self._decode_failures += 1

@@ -11,6 +11,13 @@ Reads do not use nats-py's ``ObjectStore.get``/``list``: those consume through a
 ordered push consumer with no timeout, which a cancelled wait leaves subscribed. Here
 every read is a bounded JetStream "get message" request (the object's meta message,
 then its chunks in order), and the SHA-256 digest is checked.
+
+Anyone who may write the bucket may write anything into it, so what is read is checked
+like any input from the network: a meta message over :data:`MAX_META_BYTES` is not
+decoded, one that does not decode (whatever the bytes) is unreadable, and a description
+this module did not write is listed without details. Only the description refuses
+unknown fields (a newer writer's description loses its details in an older listing);
+the meta message is NATS's object-store schema, which every client extends.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from nats.js.object_store import (
     ObjectStore,
 )
 
-from mesh._codec import MAX_DICTIONARY_ID, CodecEngine, dictionary_id
+from mesh._codec import MAX_DICTIONARY_ID, CodecEngine, check_dictionary, dictionary_id
 from mesh._errors import (
     DictionaryError,
     DictionaryNotFound,
@@ -62,6 +69,8 @@ DEFAULT_CACHE_SIZE: Final = 16
 MAX_DICTIONARY_SIZE: Final = 1024 * 1024
 #: Entries :meth:`DictionaryStore.list` reads at most.
 MAX_LISTED: Final = 10_000
+#: Largest object meta message decoded (name, description and headers of one object).
+MAX_META_BYTES: Final = 64 * 1024
 
 #: Training needs at least this many messages and bytes...
 MIN_SAMPLES: Final = 100
@@ -99,7 +108,7 @@ class DictionaryStoreStats(msgspec.Struct, frozen=True, kw_only=True):
     evictions: int
 
 
-class _Description(msgspec.Struct, kw_only=True):
+class _Description(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     subject: str = ""
     created: int = 0
     level: int = 0
@@ -119,8 +128,27 @@ class _ObjectInfo(msgspec.Struct, kw_only=True):
 
 
 _encode_description = msgspec.json.Encoder().encode
-_decode_description = msgspec.json.Decoder(_Description).decode
-_decode_object_info = msgspec.json.Decoder(_ObjectInfo).decode
+_description_decoder: Final = msgspec.json.Decoder(_Description)
+_object_info_decoder: Final = msgspec.json.Decoder(_ObjectInfo)
+
+
+def _decode_object_info(data: bytes) -> _ObjectInfo:
+    """An object's meta message; ValueError for anything else, whatever the bytes."""
+    if len(data) > MAX_META_BYTES:
+        raise ValueError(f"object metadata of {len(data)} bytes is over {MAX_META_BYTES}")
+    try:
+        return _object_info_decoder.decode(data)
+    except RecursionError:
+        raise ValueError("object metadata nests too deeply") from None
+
+
+def _decode_description(text: str) -> _Description:
+    """A description this module wrote; ValueError for any other text.
+
+    Nothing nests in it: an unknown field is refused before its value is read, so
+    a deep one cannot reach the recursion limit.
+    """
+    return _description_decoder.decode(text)
 
 
 class DictionaryStore:
@@ -259,7 +287,7 @@ class DictionaryStore:
             ) from None
         except nats.js.errors.NotFoundError:
             raise DictionaryNotFound(dictionary) from None
-        except (msgspec.DecodeError, ValueError) as exc:
+        except ValueError as exc:  # the meta message does not decode
             raise DictionaryNotFound(dictionary, f"unreadable object metadata: {exc}") from None
         except nats.errors.Error as exc:
             raise DictionaryNotFound(
@@ -339,13 +367,11 @@ class DictionaryStore:
         """Store a zstd dictionary; return its id (the one inside ``data``).
 
         Storing the same dictionary again is a no-op. Raises :class:`ValueError` when
-        ``data`` is not a zstd dictionary with an id or is over
+        ``data`` is not a zstd dictionary with an id, is one zstd cannot load, or is over
         :data:`MAX_DICTIONARY_SIZE`, :class:`DictionaryError` when another dictionary
         holds the id or the store cannot be written.
         """
-        dictionary = dictionary_id(data)
-        if dictionary == 0:
-            raise ValueError("not a zstd dictionary: no dictionary header, or id 0")
+        dictionary = check_dictionary(data)
         if len(data) > MAX_DICTIONARY_SIZE:
             raise ValueError(
                 f"the dictionary is {len(data)} bytes, over the {MAX_DICTIONARY_SIZE}-byte limit"
@@ -386,7 +412,7 @@ class DictionaryStore:
             return None
         try:
             info = _decode_object_info(meta.data or b"")
-        except (msgspec.DecodeError, ValueError):
+        except ValueError:
             return ""  # unreadable: never equal to a digest, so put() refuses to overwrite it
         return None if info.deleted else info.digest
 
@@ -409,14 +435,14 @@ def _entry(meta: bytes) -> DictionaryInfo | None:
     """The listing entry of one meta message; None for deleted or foreign objects."""
     try:
         info = _decode_object_info(meta)
-    except (msgspec.DecodeError, ValueError):
+    except ValueError:
         return None
     prefix, _, number = info.name.partition("-")
     if info.deleted or prefix != "dict" or not number.isdigit():
         return None
     try:
         described = _decode_description(info.description or "{}")
-    except (msgspec.DecodeError, ValueError):
+    except ValueError:
         described = _Description()  # written by another tool: list it without details
     return DictionaryInfo(
         id=int(number),

@@ -6,6 +6,11 @@ dictionary is fetched (a value whose dictionary cannot be had is refused and cou
 and the last good value stays). Every applied or removed value is announced on
 ``_MESH.policy.applied.<instance>``, which is how ``mesh policy set`` and
 ``mesh bench policy`` know when every node has it.
+
+Anyone may publish on that subject, so an acknowledgement is read like any input from
+the network: at most :data:`MAX_APPLIED_BYTES`, no unknown fields (readers are upgraded
+before the nodes, as for every control-plane record), and a tracker that counts what it
+refuses and holds a bounded number of entries.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import msgspec
 
 from mesh._client import MeshClient
 from mesh._message import Message
+from mesh._names import validate_agent_name, validate_instance
 from mesh._policy import PolicyRecord, PolicyTable
 from mesh._policy_watch import PolicyWatcher
 
@@ -28,9 +34,13 @@ log = logging.getLogger("mesh.policy")
 
 #: Subject prefix of apply acknowledgements; the instance id is the last token.
 APPLIED_SUBJECT: Final = "_MESH.policy.applied"
+#: Largest acknowledgement decoded (a real one is well under 1 KiB).
+MAX_APPLIED_BYTES: Final = 4 * 1024
+#: (instance, key) pairs an :class:`AppliedTracker` holds at most.
+MAX_TRACKED: Final = 65_536
 
 
-class PolicyApplied(msgspec.Struct, frozen=True, kw_only=True):
+class PolicyApplied(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One instance saying it now enforces ``version`` of ``key`` (0: the key was removed)."""
 
     instance: str
@@ -46,27 +56,42 @@ _applied_decoder: Final = msgspec.msgpack.Decoder(PolicyApplied)
 
 
 def decode_applied(data: bytes) -> PolicyApplied:
-    """Decode an acknowledgement; ``msgspec.DecodeError``/``ValueError`` if malformed."""
+    """Decode an acknowledgement.
+
+    Raises ``ValueError`` (``msgspec.DecodeError`` is one) for anything that is not an
+    acknowledgement of at most :data:`MAX_APPLIED_BYTES` bytes, whatever the bytes.
+    Nothing nests in one and unknown fields are refused before their value is read, so
+    no input reaches the recursion limit.
+    """
+    if len(data) > MAX_APPLIED_BYTES:
+        raise ValueError(f"acknowledgement of {len(data)} bytes is over {MAX_APPLIED_BYTES}")
     return _applied_decoder.decode(data)
 
 
 class AppliedTracker:
     """Collects apply acknowledgements: the newest version (and when) per instance and key.
 
-    Bounded by the instances times the keys they acknowledge.
+    Holds at most :data:`MAX_TRACKED` (instance, key) pairs; acknowledgements that do
+    not decode are counted in :attr:`malformed`, those past the bound in :attr:`overflow`.
     """
 
     def __init__(self) -> None:
         self.latest: dict[tuple[str, str], tuple[int, int]] = {}  # -> (version, applied ns)
+        self.malformed = 0
+        self.overflow = 0
         self._changed = asyncio.Event()
 
     async def on_ack(self, msg: Message) -> None:
         """A subscription callback for ``_MESH.policy.applied.>``."""
         try:
             ack = decode_applied(msg.data)
-        except (msgspec.DecodeError, ValueError):
+        except ValueError:
+            self.malformed += 1
             return
         where = (ack.instance, ack.key)
+        if where not in self.latest and len(self.latest) >= MAX_TRACKED:
+            self.overflow += 1
+            return
         if ack.version >= self.latest.get(where, (-1, 0))[0]:
             self.latest[where] = (ack.version, ack.time)
             self._changed.set()
@@ -97,8 +122,9 @@ class PolicyEnforcer:
 
     def __init__(self, client: MeshClient, *, agent: str, instance: str) -> None:
         self.client = client
-        self.agent = agent
-        self.instance = instance
+        self.agent = validate_agent_name(agent)
+        # The acknowledgement subject is built from it.
+        self.instance = validate_instance(instance)
         self.table = PolicyTable()
         self.watcher = PolicyWatcher(
             client, self.table, prepare=self._prepare, on_applied=self._on_applied

@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Annotated, Final
 from urllib.parse import urlsplit
 
-import msgspec
 import typer
 
 from mesh._client import DEFAULT_URL, MeshClient
@@ -120,12 +119,18 @@ async def foreign_clients(monitor: str | None) -> tuple[list[ForeignClient] | No
         return None, "clients outside the mesh: not checked (--monitor none)"
     try:
         data = await asyncio.to_thread(fetch_connz, monitor)
-        return parse_connz(data), ""
     except (OSError, urllib.error.URLError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         return None, (
             f"clients outside the mesh: unknown (no monitoring at {monitor}: {reason}; "
             "pass --monitor URL, or start nats-server with -m 8222)"
+        )
+    try:
+        return parse_connz(data), ""
+    except ValueError as exc:
+        return (
+            None,
+            f"clients outside the mesh: unknown ({monitor} sent an unreadable /connz: {exc})",
         )
 
 
@@ -143,9 +148,11 @@ async def gather(
 
     async def on_snapshot(msg: Message) -> None:
         try:
-            window.add(decode_snapshot(msg.data))
-        except (msgspec.DecodeError, ValueError):
+            snapshot = decode_snapshot(msg.data)
+        except ValueError:  # whatever the bytes: decode_snapshot raises nothing else
             state.malformed += 1
+            return
+        window.add(snapshot)
 
     sub = await client.subscribe(f"{TELEMETRY_SUBJECT}.>", on_snapshot, internal=True, traced=False)
     try:

@@ -33,13 +33,28 @@ def validate_agent_name(name: str) -> str:
     so they follow the strictest of those rules: ASCII letters, digits, ``-`` and
     ``_``, starting with a letter or digit, at most 64 characters.
     """
+    return _check_name("agent name", name)
+
+
+def validate_instance(instance: str) -> str:
+    """Return ``instance`` if it is a valid instance id, else raise :class:`InvalidName`.
+
+    An instance id is the last token of the subjects built for one running node
+    (``_MESH.telemetry.<id>``, ``_MESH.policy.applied.<id>``, ``$SRV.PING.<name>.<id>``)
+    and of its registry key, so it follows the agent name rules: one token, no
+    wildcards, nothing a subject or a key cannot hold.
+    """
+    return _check_name("instance id", instance)
+
+
+def _check_name(kind: str, name: str) -> str:
     if not isinstance(name, str) or not name:
-        raise InvalidName("agent name", str(name), "must be a non-empty string")
+        raise InvalidName(kind, str(name), "must be a non-empty string")
     if len(name) > MAX_NAME_LENGTH:
-        raise InvalidName("agent name", name, f"longer than {MAX_NAME_LENGTH} characters")
+        raise InvalidName(kind, name, f"longer than {MAX_NAME_LENGTH} characters")
     if not _AGENT_NAME.fullmatch(name):
         raise InvalidName(
-            "agent name",
+            kind,
             name,
             "use only ASCII letters, digits, '-' and '_', starting with a letter or digit",
         )
@@ -55,8 +70,11 @@ def validate_subject(subject: str, *, wildcards: bool = False, internal: bool = 
     no ``$``, ``_INBOX`` or ``_MESH.`` prefix unless ``internal`` is true.
     """
     cache = _valid_subscribe if wildcards else _valid_publish
-    if subject in cache and not internal:
-        return subject
+    try:
+        if subject in cache and not internal:
+            return subject
+    except TypeError:  # unhashable, so not a string: refused below with the rule
+        pass
     _check_subject(subject, wildcards=wildcards, internal=internal)
     if not internal:
         if len(cache) >= _CACHE_SIZE:
@@ -100,6 +118,6 @@ def _check_subject(subject: str, *, wildcards: bool, internal: bool) -> None:
 
 def validate_queue_group(queue: str) -> str:
     """Return ``queue`` if it is a valid queue group name (an agent name or empty)."""
-    if queue:
-        validate_agent_name(queue)
-    return queue
+    if isinstance(queue, str) and not queue:
+        return queue
+    return _check_name("queue group", queue)

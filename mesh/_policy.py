@@ -206,7 +206,8 @@ def decode_record(data: bytes, key: str | None = None) -> PolicyRecord:
         raise InvalidPolicy(where, f"{len(data)} bytes, over the {MAX_RECORD_BYTES}-byte limit")
     try:
         record = _decoder.decode(data)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:
+        # msgspec.DecodeError and UnicodeDecodeError are ValueErrors; deep nesting is not.
         raise InvalidPolicy(where, f"does not decode: {exc}") from None
     return validate_record(record, key=key)
 

@@ -211,7 +211,7 @@ async def store(
         else:
             try:
                 ack = _pub_ack_decoder.decode(reply.data)
-            except (msgspec.DecodeError, ValueError) as exc:
+            except (msgspec.DecodeError, ValueError, RecursionError) as exc:
                 uncertain = f"unreadable answer: {exc}"
             else:
                 if ack.error is None:

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Final
 
+from mesh._names import validate_instance
 from topology._histogram import LatencyHistogram
 from topology._snapshot import (
     TELEMETRY_SUBJECT,
@@ -204,7 +205,7 @@ class TelemetryEmitter:
         self.agent = agent
         self.instance = instance
         self.interval = interval
-        self.subject = f"{TELEMETRY_SUBJECT}.{instance}"
+        self.subject = f"{TELEMETRY_SUBJECT}.{validate_instance(instance)}"
         self._max_concurrency = max_concurrency
         self._inflight = inflight
         self._policy = policy

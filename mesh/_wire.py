@@ -20,23 +20,39 @@ release, so frames from older senders (which lack them) decode with 0.
 
 NATS headers are not used on the hot path: in nats-py one header costs about a
 third of pub/sub throughput.
+
+Everything here may come from a hostile sender. A frame is refused (as
+:class:`MalformedMessage`, never another exception) when its header is over
+:data:`MAX_HEADER_SIZE` bytes (checked before decoding), is not an envelope, holds
+invalid UTF-8 or nests too deeply, or carries an ``id``, ``sender`` or ``trace`` longer
+than any mesh client writes: the sender names telemetry tables, the id a reliable
+handler's table of handled ids, and the trace travels on in the handler's own frames,
+so none of them may grow to the header's size. The envelope does not refuse unknown
+trailing fields: that is how a newer sender's appended fields reach an older reader.
 """
 
 from __future__ import annotations
 
 import enum
 import struct
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
 import msgspec
 
 from mesh._errors import MalformedMessage, PayloadError
+from mesh._names import MAX_NAME_LENGTH
 
 MAGIC: Final = 0xC1
 VERSION: Final = 1
 _PREFIX: Final = bytes((MAGIC, VERSION))
 _HEADER_START: Final = 4
 MAX_HEADER_SIZE: Final = 16 * 1024
+#: Longest message id a frame may carry (ids a caller chooses, see
+#: :func:`mesh._reliable.validate_msg_id`, are at most this long; generated ones are 22).
+MAX_ID_LENGTH: Final = 128
+#: Longest trace field a frame may carry (a version-00 ``traceparent`` is 55 characters;
+#: later versions may append fields).
+MAX_TRACE_LENGTH: Final = 256
 
 
 class Kind(enum.IntEnum):
@@ -78,15 +94,19 @@ class Envelope(msgspec.Struct, array_like=True, frozen=True, kw_only=True, gc=Fa
     ``gc=False``: its fields are strings and integers, so an envelope can never be
     part of a reference cycle; untracked, it does not make the collector run more
     often on a busy receive path.
+
+    The length bounds on ``id``, ``sender`` (an agent name) and ``trace`` are checked
+    when a frame is decoded (by msgspec, in C: they cost nothing measurable), not when
+    an envelope is built.
     """
 
-    id: str
-    sender: str
+    id: Annotated[str, msgspec.Meta(max_length=MAX_ID_LENGTH)]
+    sender: Annotated[str, msgspec.Meta(max_length=MAX_NAME_LENGTH)]
     kind: Kind = Kind.EVENT
     created: int = 0
     deadline: int = 0
     priority: int = 0
-    trace: str = TRACE_NONE
+    trace: Annotated[str, msgspec.Meta(max_length=MAX_TRACE_LENGTH)] = TRACE_NONE
     codec: Codec = Codec.NONE
     content_type: ContentType = ContentType.JSON
     # Appended fields (older frames end before them): see the module docstring.
@@ -106,6 +126,29 @@ class ErrorReply(msgspec.Struct, frozen=True, kw_only=True):
     """An error reply as a plain NATS client sees it: ``{"error": {...}}``."""
 
     error: RemoteFailure
+
+
+#: Largest error reply body read (a failure's message is cut to 4096 characters).
+MAX_FAILURE_SIZE: Final = 64 * 1024
+_failure_decoder: Final = msgspec.json.Decoder(RemoteFailure)
+
+
+def decode_failure(body: bytes | memoryview, subject: str = "") -> RemoteFailure:
+    """Decode the body of an ERROR frame.
+
+    Raises :class:`MalformedMessage` for anything that is not a :class:`RemoteFailure`
+    of at most :data:`MAX_FAILURE_SIZE` bytes, whatever the bytes (unknown fields are
+    skipped: a newer node may add some).
+    """
+    if len(body) > MAX_FAILURE_SIZE:
+        raise MalformedMessage(
+            subject, f"error reply of {len(body)} bytes is over the {MAX_FAILURE_SIZE}-byte limit"
+        )
+    try:
+        return _failure_decoder.decode(body)
+    except (ValueError, RecursionError) as exc:
+        # msgspec.DecodeError and UnicodeDecodeError are ValueErrors.
+        raise MalformedMessage(subject, f"unreadable error reply: {exc}") from None
 
 
 _encode_header = msgspec.msgpack.Encoder().encode
@@ -196,7 +239,10 @@ def decode_payload(
 ) -> Any:
     """Decode a body into ``type_`` (``bytes`` gives the raw body).
 
-    Raises :class:`MalformedMessage` when the body does not fit ``type_``.
+    Raises :class:`MalformedMessage` when the body does not fit ``type_``: invalid
+    JSON or msgpack, invalid UTF-8, nesting too deep, the wrong shape. Its size is
+    bounded before it gets here: by the server's ``max_payload`` as received, by the
+    codec's ``max_decompressed`` once decompressed.
     """
     if type_ is bytes:
         return bytes(body)

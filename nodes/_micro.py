@@ -3,6 +3,10 @@
 
 Subjects: ``$SRV.{PING,INFO,STATS}``, ``….<name>`` and ``….<name>.<id>``; the
 responses follow the ``io.nats.micro.v1`` JSON schemas.
+
+A discovery request's body is never read, so nothing in it can fail to decode; what a
+flood of them could do is fill memory, so each subscription holds at most
+:data:`PENDING_MSGS` requests (NATS drops the rest: discovery is best effort).
 """
 
 from __future__ import annotations
@@ -12,10 +16,12 @@ import logging
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
+import nats.errors
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
 from mesh import MeshClient
+from mesh._names import validate_agent_name, validate_instance
 
 if TYPE_CHECKING:
     from nodes._node import Node
@@ -23,6 +29,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("mesh.node")
 
 _VERBS: Final = ("PING", "INFO", "STATS")
+#: Discovery requests one subscription holds while they wait to be answered.
+PENDING_MSGS: Final = 256
+PENDING_BYTES: Final = 1024 * 1024
 _encode = msgspec.json.Encoder().encode
 
 
@@ -42,14 +51,24 @@ class MicroResponder:
 
     async def start(self) -> None:
         nc = self.client.nc
+        # The subjects are built from these: each must be one token.
+        name = validate_agent_name(self.node.name)
+        instance = validate_instance(self.instance)
         for verb in _VERBS:
             handler = self._handler(verb)
             for subject in (
                 f"$SRV.{verb}",
-                f"$SRV.{verb}.{self.node.name}",
-                f"$SRV.{verb}.{self.node.name}.{self.instance}",
+                f"$SRV.{verb}.{name}",
+                f"$SRV.{verb}.{name}.{instance}",
             ):
-                self._subs.append(await nc.subscribe(subject, cb=handler))
+                self._subs.append(
+                    await nc.subscribe(
+                        subject,
+                        cb=handler,
+                        pending_msgs_limit=PENDING_MSGS,
+                        pending_bytes_limit=PENDING_BYTES,
+                    )
+                )
 
     async def aclose(self) -> None:
         subs, self._subs = self._subs, []
@@ -63,8 +82,12 @@ class MicroResponder:
         build = {"PING": self.ping, "INFO": self.info, "STATS": self.stats}[verb]
 
         async def respond(msg: Msg) -> None:
-            if msg.reply:
+            if not msg.reply:
+                return
+            try:
                 await self.client.nc.publish(msg.reply, _encode(build()))
+            except nats.errors.Error as exc:  # closing, or the reconnect buffer is full
+                log.debug("discovery reply to %s not sent: %s", msg.reply, exc)
 
         return respond
 

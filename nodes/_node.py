@@ -22,6 +22,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+import msgspec
+
 from mesh import MeshClient
 from mesh._message import Message
 from mesh._names import validate_agent_name, validate_queue_group, validate_subject
@@ -223,4 +225,14 @@ def _signature(func: HandlerFunc) -> tuple[Any, bool]:
     input_type = hints.get(params[0].name, Any)
     if input_type is inspect.Parameter.empty:
         input_type = Any
+    try:
+        # Payloads are decoded into it (JSON or msgpack): a type msgspec cannot decode
+        # is refused here, at declaration, not on every message as it arrives.
+        msgspec.json.Decoder(input_type)
+        msgspec.msgpack.Decoder(input_type)
+    except TypeError as exc:
+        raise TypeError(
+            f"handler {func.__qualname__} takes a payload msgspec cannot decode: {exc}. "
+            "Annotate it with a msgspec Struct, dict, list, bytes or another JSON type"
+        ) from None
     return input_type, len(params) == 2

@@ -22,6 +22,7 @@ from nats.js.api import KeyValueConfig, StorageType
 from nats.js.kv import KeyValue
 
 from mesh import MeshClient, MeshError
+from mesh._names import validate_agent_name, validate_instance
 
 if TYPE_CHECKING:
     from nodes._node import Node
@@ -31,6 +32,8 @@ log = logging.getLogger("mesh.node")
 BUCKET: Final = "mesh_nodes"
 TTL: Final = 6.0
 HEARTBEAT: Final = 2.0
+#: Largest registration decoded (a real one is a few hundred bytes per subject).
+MAX_INFO_BYTES: Final = 256 * 1024
 
 
 class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
@@ -47,7 +50,23 @@ class NodeInfo(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _encode = msgspec.json.Encoder().encode
-_decode_info = msgspec.json.Decoder(NodeInfo).decode
+_info_decoder: Final = msgspec.json.Decoder(NodeInfo)
+
+
+def decode_info(data: bytes) -> NodeInfo:
+    """Decode a registration.
+
+    Raises ``ValueError`` (``msgspec.DecodeError`` is one) for anything that is not a
+    registration of at most :data:`MAX_INFO_BYTES` bytes, whatever the bytes. Unknown
+    fields are skipped: ``mesh up`` counts replicas from registrations, and a newer node
+    must still count.
+    """
+    if len(data) > MAX_INFO_BYTES:
+        raise ValueError(f"registration of {len(data)} bytes is over {MAX_INFO_BYTES}")
+    try:
+        return _info_decoder.decode(data)
+    except RecursionError:
+        raise ValueError("registration nests too deeply") from None
 
 
 async def open_registry(client: MeshClient, *, create: bool = True) -> KeyValue | None:
@@ -95,8 +114,8 @@ async def _list_nodes(client: MeshClient) -> list[NodeInfo]:
         if entry.value is None:
             continue
         try:
-            info = _decode_info(entry.value)
-        except (msgspec.DecodeError, ValueError):
+            info = decode_info(entry.value)
+        except ValueError:
             log.warning("ignoring an unreadable registration under %r", key)
             continue
         if now - info.heartbeat <= TTL:
@@ -109,7 +128,8 @@ class Registration:
 
     def __init__(self, client: MeshClient, node: Node, instance: str, started: float) -> None:
         self.client = client
-        self.key = f"{node.name}.{instance}"
+        # The key is built from both: each must be one token a KV key may hold.
+        self.key = f"{validate_agent_name(node.name)}.{validate_instance(instance)}"
         self._info = dict(
             name=node.name,
             instance=instance,

@@ -38,7 +38,7 @@ from aiocache import SimpleMemoryCache
 from nats.aio.msg import Msg
 from nats.js import api
 
-from mesh._errors import MalformedMessage, MeshError, ReliableSetupError
+from mesh._errors import InvalidName, MalformedMessage, MeshError, ReliableSetupError
 from mesh._message import Message, Subscription
 from mesh._reliable import (
     H_AGENT,
@@ -52,6 +52,7 @@ from mesh._reliable import (
     dlq_subject,
     reason_header,
     store,
+    validate_msg_id,
 )
 from mesh._wire import Codec, decode_frame
 
@@ -317,7 +318,7 @@ class ReliableConsumer:
         """Dead-letter a message whose last delivery was never settled."""
         try:
             advisory = _advisory_decoder.decode(msg.data)
-        except (msgspec.DecodeError, ValueError):
+        except (msgspec.DecodeError, ValueError, RecursionError):
             log.warning("ignored a malformed max-deliveries advisory on %s", msg.subject)
             return
         nc = self.runtime.client.nc
@@ -397,7 +398,8 @@ _advisory_decoder: Final = msgspec.json.Decoder(_MaxDeliveries)
 
 
 def _frame_id(data: bytes) -> str:
+    """The envelope id of a frame, if it is fit for a header ("" otherwise)."""
     try:
-        return decode_frame(data)[0].id
-    except MalformedMessage:
+        return validate_msg_id(decode_frame(data)[0].id)
+    except (MalformedMessage, InvalidName):
         return ""

@@ -15,10 +15,20 @@ from _util import arun
 
 from mesh import MeshClient
 from mesh._bench_codec import demo_corpus, format_codec_bench, run_codec_bench
-from mesh._codec import DEFAULT_MAX_DECOMPRESSED, CodecEngine
+from mesh._codec import (
+    DEFAULT_MAX_DECOMPRESSED,
+    MISSING_BURST,
+    CodecEngine,
+    check_dictionary,
+    dictionary_id,
+)
 from mesh._dictionaries import (
+    BUCKET,
+    MAX_META_BYTES,
     MIN_SAMPLES,
     DictionaryStore,
+    _decode_description,
+    _decode_object_info,
     sample_subject,
     train,
 )
@@ -67,6 +77,12 @@ def dictionary() -> bytes:
 @pytest.fixture(scope="module")
 def other_dictionary() -> bytes:
     return train(_json_corpus(600, seed=2), size=16 * 1024, subject=SUBJECT)
+
+
+def _dictionary_with_id(dictionary: int) -> bytes:
+    """A small trained dictionary carrying the id ``dictionary``."""
+    samples = _json_corpus(150, seed=dictionary % 1000)
+    return bytes(zstandard.train_dictionary(2048, samples, dict_id=dictionary).as_bytes())
 
 
 def _zstd(level: int = 3, dictionary: int = 0, min_size: int = 0) -> CodecPolicy:
@@ -350,7 +366,8 @@ def test_unknown_codec_and_bad_dictionary_ids_are_refused() -> None:
 
 
 def test_unknown_dictionary_without_a_store_names_the_id() -> None:
-    reason = _refused(CodecEngine(), b"\x28\xb5\x2f\xfd", _envelope(dictionary=777_777)).reason
+    frame = _compress(b"abc" * 200, _dictionary_with_id(777_777))
+    reason = _refused(CodecEngine(), frame, _envelope(dictionary=777_777)).reason
     assert "777777" in reason
 
 
@@ -588,7 +605,7 @@ def test_engine_decode_with_an_unknown_dictionary_names_it(nats_url: str) -> Non
             store = await DictionaryStore.open(client)
             engine = CodecEngine(store)
             envelope = _envelope(dictionary=424_242)
-            frame = _compress(b"abc" * 100)
+            frame = _compress(b"abc" * 100, _dictionary_with_id(424_242))
             for _ in range(3):
                 with pytest.raises(MalformedMessage, match="dictionary 424242") as info:
                     await engine.decode(frame, envelope, SUBJECT)
@@ -644,3 +661,177 @@ def test_sample_subject_stops_after_its_time(nats_url: str) -> None:
             assert client.stats().received == 0
 
     arun(main())
+
+
+# ------------------------------------------------------------------ more hostile frames
+
+
+def _with_dictionary_id(frame: bytes, dictionary: int) -> bytes:
+    """``frame`` claiming dictionary ``dictionary`` instead: its 4-byte id field rewritten."""
+    descriptor = frame[4]
+    assert descriptor & 0x03 == 3, "the frame must carry a 4-byte dictionary id"
+    at = 5 if descriptor & 0x20 else 6  # after the window byte unless single-segment
+    return frame[:at] + dictionary.to_bytes(4, "little") + frame[at + 4 :]
+
+
+def test_declared_size_must_be_the_actual_size() -> None:
+    frame = _compress(b"hello world" * 3)  # single segment: a one-byte content size
+    assert zstandard.get_frame_parameters(frame).content_size == 33
+    engine = CodecEngine()
+    for declared in (32, 34, 200):
+        damaged = bytearray(frame)
+        damaged[5] = declared
+        assert zstandard.get_frame_parameters(bytes(damaged)).content_size == declared
+        _refused(engine, bytes(damaged), _envelope())
+
+
+def test_a_frame_declaring_no_content_is_checked_to_its_end() -> None:
+    # zstandard's one-shot decompress() returns b"" for such a frame without reading on.
+    empty = _compress(b"")
+    assert zstandard.get_frame_parameters(empty).content_size == 0
+    engine = CodecEngine()
+    assert engine.decode_cached(empty, _envelope(), SUBJECT) == b""
+    assert engine.decode_cached(memoryview(empty), _envelope(), SUBJECT) == b""
+    damaged = [
+        empty + b"\0",
+        empty + empty,
+        empty[:-1],
+        empty[:-1] + bytes((empty[-1] ^ 1,)),  # the checksum
+        empty[:6] + b"\xff" * 20,
+    ]
+    for body in damaged:
+        _refused(engine, body, _envelope())
+    assert engine.stats.decode_failures == 2 * len(damaged)
+
+
+def test_skippable_frames_are_refused() -> None:
+    skippable = b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"data"
+    for body in (skippable, skippable + _compress(b"abc" * 200)):
+        _refused(CodecEngine(), body, _envelope())
+
+
+def _corrupt_dictionary(dictionary: bytes) -> bytes:
+    """``dictionary`` with its header and id intact and its entropy tables garbled."""
+    return dictionary[:8] + b"\xff" * 64 + dictionary[72:]
+
+
+def test_a_dictionary_zstd_cannot_load_is_refused(dictionary: bytes) -> None:
+    corrupt = _corrupt_dictionary(dictionary)
+    assert dictionary_id(corrupt) == dictionary_id(dictionary)
+    with pytest.raises(ValueError, match="cannot load dictionary"):
+        check_dictionary(corrupt)
+    engine = CodecEngine()
+    with pytest.raises(ValueError, match="cannot load dictionary"):
+        engine.add_dictionary(corrupt)
+    frame = _compress(b"abc" * 200, dictionary)
+    reason = _refused(engine, frame, _envelope(dictionary=dictionary_id(dictionary))).reason
+    assert "no dictionary store" in reason  # never installed
+
+
+def test_the_frame_header_is_checked_before_a_dictionary_is_fetched(
+    nats_url: str, dictionary: bytes
+) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="dicts") as client:
+            store = await DictionaryStore.open(client)
+            engine = CodecEngine(store)
+            unknown = _envelope(dictionary=5_555_555)
+            good_header = _with_dictionary_id(_compress(b"abc" * 200, dictionary), 5_555_555)
+            hopeless = [
+                b"garbage, not zstd",
+                good_header[:8],  # truncated
+                _with_dictionary_id(_compress(b"abc" * 200, dictionary), 6_666_666),
+                _with_dictionary_id(
+                    _compress(b"abc" * 200, dictionary, write_checksum=False), 5_555_555
+                ),
+            ]
+            for body in hopeless:
+                with pytest.raises(MalformedMessage):
+                    await engine.decode(body, unknown, SUBJECT)
+            assert store.stats.fetches == 0
+            assert engine.decode_cached(good_header, unknown, SUBJECT) is None  # worth a fetch
+            with pytest.raises(MalformedMessage, match="unavailable"):
+                await engine.decode(good_header, unknown, SUBJECT)
+            assert store.stats.fetches == 1
+
+    arun(main())
+
+
+def test_fetches_of_unknown_dictionaries_are_bounded(nats_url: str, dictionary: bytes) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="dicts") as client:
+            store = await DictionaryStore.open(client)
+            engine = CodecEngine(store)
+            frame = _compress(b"abc" * 200, dictionary)
+            sent = MISSING_BURST + 20
+            for i in range(sent):
+                invented = 1_000_000 + i
+                with pytest.raises(MalformedMessage, match=str(invented)):
+                    await engine.decode(
+                        _with_dictionary_id(frame, invented),
+                        _envelope(dictionary=invented),
+                        SUBJECT,
+                    )
+            stats = engine.stats
+            assert stats.decode_failures == sent
+            # The burst, and what the budget regained while they were refused.
+            assert MISSING_BURST <= store.stats.fetches < sent
+            assert stats.fetches_refused == sent - store.stats.fetches
+            # A dictionary the store has is still fetched and used: it costs no budget.
+            real = dictionary_id(dictionary)
+            await store.put(dictionary)
+            with pytest.raises(MalformedMessage, match="not fetched"):
+                await engine.decode(frame, _envelope(dictionary=real), SUBJECT)
+
+    arun(main())
+
+
+def test_a_corrupt_stored_dictionary_is_refused_as_malformed(
+    nats_url: str, dictionary: bytes
+) -> None:
+    async def main() -> None:
+        async with await MeshClient.connect(nats_url, name="dicts") as client:
+            store = await DictionaryStore.open(client)
+            corrupt = _corrupt_dictionary(dictionary)
+            with pytest.raises(ValueError, match="cannot load dictionary"):
+                await store.put(corrupt)
+            # Another writer of the bucket stores it anyway, under the name put() would use.
+            bucket = await client.nc.jetstream().object_store(BUCKET)
+            real = dictionary_id(dictionary)
+            await bucket.put(f"dict-{real}", corrupt)
+            engine = CodecEngine(await DictionaryStore.open(client))
+            frame = _compress(b"abc" * 200, dictionary)
+            with pytest.raises(MalformedMessage, match="no usable one"):
+                await engine.decode(frame, _envelope(dictionary=real), SUBJECT)
+            assert engine.stats.decode_failures == 1
+
+    arun(main())
+
+
+@pytest.mark.parametrize(
+    ("meta", "match"),
+    [
+        (b'{"name": "dict-1", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests too deeply"),
+        (b'{"name": "\xff"}', "utf-8"),
+        (b"x" * (MAX_META_BYTES + 1), "over"),
+        (b"[1, 2]", "Expected `object`"),
+    ],
+)
+def test_unreadable_object_metadata_is_a_value_error(meta: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        _decode_object_info(meta)
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('{"subject": "t", "tool": "other"}', "unknown field"),
+        ("free text", "malformed"),
+        ('{"subject": "t", "x": ' + "[" * 10_000 + "]" * 10_000 + "}", "unknown field"),
+    ],
+)
+def test_a_description_written_elsewhere_is_refused(text: str, match: str) -> None:
+    ours = '{"subject": "tasks.x", "created": 5, "level": 3, "samples": 9}'
+    assert _decode_description(ours).samples == 9
+    with pytest.raises(ValueError, match=match):
+        _decode_description(text)

@@ -12,6 +12,7 @@ from mesh._names import (
     MAX_NAME_LENGTH,
     MAX_SUBJECT_LENGTH,
     validate_agent_name,
+    validate_instance,
     validate_queue_group,
     validate_subject,
 )
@@ -295,3 +296,66 @@ def test_validation_is_total(subject: str, wildcards: bool) -> None:
     assert subject.isascii()
     assert subject.isprintable()
     assert " " not in subject
+
+
+# ------------------------------------------------------------------ hostile values
+
+
+@pytest.mark.parametrize(
+    "subject", [["tasks"], {"tasks": 1}, {"tasks"}, bytearray(b"tasks"), 3.5, object()]
+)
+def test_any_non_string_is_invalid_name_even_unhashable(subject: object) -> None:
+    for wildcards in (False, True):
+        with pytest.raises(InvalidName) as info:
+            validate_subject(subject, wildcards=wildcards)  # type: ignore[arg-type]
+        assert "non-empty string" in info.value.rule
+
+
+@pytest.mark.parametrize("queue", [None, 0, [], ["q"], b"q", "bad queue", "q.x", "*"])
+def test_queue_group_must_be_an_agent_name_or_empty_string(queue: object) -> None:
+    with pytest.raises(InvalidName) as info:
+        validate_queue_group(queue)  # type: ignore[arg-type]
+    assert info.value.kind == "queue group"
+
+
+@pytest.mark.parametrize("instance", ["0a1b2c3d4e5f6a7b8c9d0e", "sender-1", "n_2"])
+def test_valid_instance_ids(instance: str) -> None:
+    assert validate_instance(instance) == instance
+
+
+@pytest.mark.parametrize(
+    "instance", ["", "a.b", "*", ">", "a b", "a\r\nPUB x 1", "$x", "-x", "x" * 65, None, 7]
+)
+def test_invalid_instance_ids(instance: object) -> None:
+    with pytest.raises(InvalidName) as info:
+        validate_instance(instance)  # type: ignore[arg-type]
+    assert info.value.kind == "instance id"
+
+
+_ANY_VALUE = st.one_of(
+    st.text(max_size=300),
+    st.binary(max_size=20),
+    st.integers(),
+    st.none(),
+    st.lists(st.text(max_size=5), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+)
+
+
+@given(_ANY_VALUE, st.booleans(), st.booleans())
+def test_every_validator_is_total_over_any_value(
+    value: object, wildcards: bool, internal: bool
+) -> None:
+    """Whatever the value, a validator returns it or raises InvalidName: nothing else."""
+    calls = [
+        lambda: validate_subject(value, wildcards=wildcards, internal=internal),  # type: ignore[arg-type]
+        lambda: validate_agent_name(value),  # type: ignore[arg-type]
+        lambda: validate_queue_group(value),  # type: ignore[arg-type]
+        lambda: validate_instance(value),  # type: ignore[arg-type]
+    ]
+    for call in calls:
+        try:
+            assert call() == value
+        except InvalidName as exc:
+            rule = exc.rule
+            assert rule

@@ -18,8 +18,16 @@ from _util import arun, eventually, free_port, retrying
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from mesh import InvalidName, MeshClient, Message, validate_subject
+from mesh import InvalidName, MeshClient, Message, _enforcer, validate_subject
 from mesh._cluster import NatsCluster
+from mesh._enforcer import (
+    MAX_APPLIED_BYTES,
+    AppliedTracker,
+    PolicyApplied,
+    PolicyEnforcer,
+    decode_applied,
+    encode_applied,
+)
 from mesh._errors import InvalidPolicy, JetStreamUnavailable, PolicyPinned
 from mesh._policy import (
     CODEC_CACHE_SIZE,
@@ -168,6 +176,100 @@ def test_decode_round_trip_and_rejections() -> None:
             decode_record(data, key)
     with pytest.raises(InvalidPolicy, match="not this key"):
         decode_record(encode_record(good), "codec.tasks.other")
+
+
+@given(st.binary(max_size=300))
+def test_decode_record_only_raises_invalid_policy(data: bytes) -> None:
+    with contextlib.suppress(InvalidPolicy):
+        assert isinstance(decode_record(data), PolicyRecord)
+
+
+_JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=10),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+    max_leaves=12,
+)
+
+
+@given(
+    st.sampled_from(["subject", "version", "author", "reason", "time", "pinned", "value"]),
+    _JSON_VALUES,
+)
+def test_a_record_with_any_field_replaced_decodes_or_is_invalid(field: str, value: Any) -> None:
+    wire = msgspec.json.decode(encode_record(record()))
+    wire[field] = value
+    try:
+        decoded = decode_record(msgspec.json.encode(wire))
+    except InvalidPolicy as exc:
+        reason = exc.reason
+        assert reason
+        return
+    assert validate_record(decoded) is decoded
+
+
+# -- acknowledgements ------------------------------------------------------------------------
+
+
+def _ack(**changes: Any) -> dict[str, Any]:
+    return {
+        "instance": "i1",
+        "agent": "node",
+        "key": "codec.tasks",
+        "version": 3,
+        "time": 9,
+        **changes,
+    }
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (msgspec.msgpack.encode({**_ack(), "extra": 1}), "unknown field"),
+        (msgspec.msgpack.encode(_ack(version="3")), "Expected `int`"),
+        (b"\x85\xa8instance\xa2\xff\xfe", "utf-8"),
+        (msgspec.msgpack.encode(_ack(key="k" * MAX_APPLIED_BYTES)), "over"),
+        (b"\x91" * 4000 + b"\xc0", "Expected `object`"),
+        (b"", "truncated"),
+    ],
+)
+def test_decode_applied_refuses_what_is_not_an_acknowledgement(data: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        decode_applied(data)
+
+
+@given(st.binary(max_size=200))
+def test_decode_applied_only_raises_value_error(data: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        assert isinstance(decode_applied(data), PolicyApplied)
+
+
+def test_tracker_counts_malformed_acks_and_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_enforcer, "MAX_TRACKED", 3)
+    tracker = AppliedTracker()
+
+    async def feed() -> None:
+        for data in (b"garbage", b"\x91" * 5000, msgspec.msgpack.encode({**_ack(), "x": 1})):
+            await tracker.on_ack(Message("_MESH.policy.applied.i1", "", data, None))
+        for i in range(5):
+            ack = PolicyApplied(instance=f"i{i}", agent="a", key="codec.t", version=1, time=i)
+            await tracker.on_ack(Message("_MESH.policy.applied.x", "", encode_applied(ack), None))
+
+    arun(feed())
+    assert tracker.malformed == 3
+    assert len(tracker.latest) == 3
+    assert tracker.overflow == 2
+    assert tracker.applied("codec.t", 1) == {"i0": 0, "i1": 1, "i2": 2}
+
+
+def test_enforcer_validates_the_names_its_subject_is_built_from() -> None:
+    for agent, instance in [
+        ("node", "a.b"),
+        ("node", "x\r\nPUB y 1"),
+        ("node", ">"),
+        ("bad name", "i1"),
+    ]:
+        with pytest.raises(InvalidName):
+            PolicyEnforcer(None, agent=agent, instance=instance)  # type: ignore[arg-type]
 
 
 # -- the table -------------------------------------------------------------------------------

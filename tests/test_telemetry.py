@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import http.server
+import threading
+import time
+from typing import Any
 
 import msgspec
+import pytest
 from _util import arun, eventually
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mesh import MeshClient, RemoteError
+from mesh._inspect import foreign_clients, gather
 from mesh._message import Message
 from mesh._telemetry import MAX_SENDERS, MAX_SUBJECTS, OTHER_SENDER, TelemetryEmitter
 from nodes import Node, NodeRuntime
-from topology import LatencyHistogram
-from topology._snapshot import TELEMETRY_SUBJECT, Snapshot, decode_snapshot
+from topology import LatencyHistogram, Window
+from topology._snapshot import MAX_SNAPSHOT_BYTES, TELEMETRY_SUBJECT, Snapshot, decode_snapshot
 
 
 def make_node() -> Node:
@@ -217,3 +226,103 @@ def test_a_client_with_telemetry_off_counts_nothing_but_still_delivers(nats_url:
             assert loud_sub.received == 2
 
     arun(main())
+
+
+# ------------------------------------------------------------------ hostile snapshots
+
+
+def _snapshot_map(**changes: Any) -> dict[str, Any]:
+    return {"instance": "i1", "agent": "a", "seq": 0, "time": 1, "interval": 1, **changes}
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (msgspec.msgpack.encode(_snapshot_map(extra=1)), "unknown field"),
+        (
+            msgspec.msgpack.encode(_snapshot_map(received=[{"subject": "x", "extra": 1}])),
+            "unknown field",
+        ),
+        (msgspec.msgpack.encode(_snapshot_map(sent=[{"subject": "x", "x": 2}])), "unknown field"),
+        (msgspec.msgpack.encode(_snapshot_map(agent=5)), "Expected `str`"),
+        (msgspec.msgpack.encode(_snapshot_map()).replace(b"\xa1a", b"\xa1\xff"), "utf-8"),
+        (b"\x91" * 5000 + b"\xc0", "Expected `object`"),
+        (b"\x00" * (MAX_SNAPSHOT_BYTES + 1), "over"),
+    ],
+)
+def test_decode_snapshot_refuses_what_is_not_a_snapshot(data: bytes, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        decode_snapshot(data)
+
+
+def _deep_snapshot(depth: int) -> bytes:
+    """A snapshot whose histogram holds an unknown field nested ``depth`` deep (a histogram
+    skips unknown fields, so its nesting is the only way in that deep)."""
+    marker = {"counts": {}, "zz": 1}
+    data = msgspec.msgpack.encode(_snapshot_map(received=[{"subject": "x", "latency": marker}]))
+    return data.replace(b"\xa2zz\x01", b"\xa2zz" + b"\x91" * depth + b"\xc0")
+
+
+def test_deep_nesting_inside_a_snapshot_is_a_value_error() -> None:
+    assert decode_snapshot(_deep_snapshot(10)).received[0].latency is not None
+    with pytest.raises(ValueError, match="nests too deeply"):
+        decode_snapshot(_deep_snapshot(10_000))
+
+
+@given(st.binary(max_size=300))
+def test_decode_snapshot_only_raises_value_error(data: bytes) -> None:
+    with contextlib.suppress(ValueError):
+        assert isinstance(decode_snapshot(data), Snapshot)
+
+
+def test_topology_counts_malformed_snapshots_and_keeps_the_rest(nats_url: str) -> None:
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="viewer") as viewer,
+            await MeshClient.connect(nats_url, name="hostile") as hostile,
+        ):
+            window = Window(seconds=60)
+            gathering = asyncio.create_task(gather(viewer, window, 1.5, None))
+            await eventually(lambda: any(s.internal for s in viewer._subs.values()))
+            await viewer.flush()
+            good = Snapshot(instance="i1", agent="a", seq=0, time=time.time_ns(), interval=1)
+            bad = [
+                b"garbage",
+                _deep_snapshot(10_000),
+                msgspec.msgpack.encode(_snapshot_map(extra=1)),
+                msgspec.msgpack.encode(_snapshot_map()).replace(b"\xa1a", b"\xa1\xff"),
+            ]
+            for data in [*bad, msgspec.msgpack.encode(good)]:
+                await hostile.nc.publish(f"{TELEMETRY_SUBJECT}.i1", data)
+            await hostile.flush()
+            state = await gathering
+            assert state.malformed == len(bad)
+            assert list(window.snapshots()) == [good]
+
+    arun(main())
+
+
+class _DeepConnz(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = b'{"connections": [], "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_an_unreadable_connz_is_reported_not_raised() -> None:
+    server = http.server.HTTPServer(("127.0.0.1", 0), _DeepConnz)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}"
+        found, note = arun(foreign_clients(url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert found is None
+    assert "unreadable /connz" in note

@@ -11,14 +11,20 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from mesh._errors import MalformedMessage, PayloadError
+from mesh._names import MAX_NAME_LENGTH
 from mesh._wire import (
     MAGIC,
+    MAX_FAILURE_SIZE,
     MAX_HEADER_SIZE,
+    MAX_ID_LENGTH,
+    MAX_TRACE_LENGTH,
     VERSION,
     Codec,
     ContentType,
     Envelope,
     Kind,
+    RemoteFailure,
+    decode_failure,
     decode_frame,
     decode_payload,
     encode_frame,
@@ -274,3 +280,127 @@ def test_unencodable_msgpack_payload_is_a_type_error() -> None:
     for value in (object(), 2**70):
         with pytest.raises(TypeError, match="cannot encode"):
             encode_payload(value, ContentType.MSGPACK)
+
+
+# ------------------------------------------------------------------ hostile headers
+
+_MSGPACK_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats()
+    | st.text(max_size=20)
+    | st.binary(max_size=20),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=5), inner),
+    max_leaves=20,
+)
+
+
+@given(_MSGPACK_VALUES)
+def test_any_msgpack_header_is_an_envelope_or_malformed(value: Any) -> None:
+    header = msgspec.msgpack.encode(value)
+    frame = bytes((MAGIC, VERSION)) + len(header).to_bytes(2, "big") + header + b"body"
+    try:
+        envelope, body = decode_frame(frame, "s")
+    except MalformedMessage:
+        return
+    assert isinstance(envelope, Envelope)
+    assert bytes(body) == b"body"
+
+
+def test_frame_from_a_newer_sender_with_appended_fields_decodes() -> None:
+    # Unknown trailing fields are skipped, not refused: how an older reader takes the
+    # frames of a newer sender (the envelope is array-like and append-only).
+    fields = ["id-1", "agent", int(Kind.REQUEST), 5, 6, 1, "", 0, 1, 0, 0]
+    header = msgspec.msgpack.encode([*fields, "a field from the future", {"x": [1, 2]}])
+    frame = bytes((MAGIC, VERSION)) + len(header).to_bytes(2, "big") + header + b"{}"
+    envelope, body = decode_frame(frame, "s")
+    assert (envelope.id, envelope.sender, envelope.kind) == ("id-1", "agent", Kind.REQUEST)
+    assert bytes(body) == b"{}"
+
+
+def test_deeply_nested_appended_field_is_malformed() -> None:
+    fields = msgspec.msgpack.encode(["i", "s", 0, 0, 0, 0, "", 0, 1, 0, 0])
+    header = bytes((0x9C,)) + fields[1:] + b"\x91" * 10_000 + b"\xc0"  # 12 fields, last deep
+    frame = bytes((MAGIC, VERSION)) + len(header).to_bytes(2, "big") + header
+    with pytest.raises(MalformedMessage, match="recursion"):
+        decode_frame(frame, "s")
+
+
+@pytest.mark.parametrize(
+    ("field", "limit"),
+    [("id", MAX_ID_LENGTH), ("sender", MAX_NAME_LENGTH), ("trace", MAX_TRACE_LENGTH)],
+)
+def test_overlong_id_sender_or_trace_is_malformed(field: str, limit: int) -> None:
+    at_limit = Envelope(**{"id": "i", "sender": "s", field: "x" * limit})
+    assert decode_frame(encode_frame(at_limit, b""))[0] == at_limit
+    over = Envelope(**{"id": "i", "sender": "s", field: "x" * (limit + 1)})
+    with pytest.raises(MalformedMessage, match=f"length <= {limit}"):
+        decode_frame(encode_frame(over, b""), "s")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"\x92\xa1\xff\xa1s",  # invalid UTF-8 in the id
+        b"\x92\xa1i\xa2\xc3\x28",  # invalid UTF-8 in the sender
+        b"\x97\xa1i\xa1s\x00\x00\x00\x00\xa1\xed",  # invalid UTF-8 in the trace
+    ],
+)
+def test_invalid_utf8_in_any_string_field_is_malformed(header: bytes) -> None:
+    frame = bytes((MAGIC, VERSION)) + len(header).to_bytes(2, "big") + header
+    with pytest.raises(MalformedMessage, match="utf-8"):
+        decode_frame(frame, "s")
+
+
+# ------------------------------------------------------------------ error replies
+
+
+def test_decode_failure_round_trip_and_unknown_fields() -> None:
+    failure = RemoteFailure(type="ValueError", message="bad", node="n")
+    assert decode_failure(msgspec.json.encode(failure)) == failure
+    newer = b'{"type": "E", "message": "m", "node": "n", "code": 7, "detail": {"a": [1]}}'
+    assert decode_failure(newer) == RemoteFailure(type="E", message="m", node="n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"",
+        b"not json",
+        b'{"type": "E"}',  # message missing
+        b'{"type": 1, "message": "m"}',
+        b'{"type": "E", "message": "\xff"}',  # invalid UTF-8
+        b'{"type": "E", "message": "m", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",  # deep
+        b'{"type": "E", "message": "' + b"x" * MAX_FAILURE_SIZE + b'"}',  # over the cap
+    ],
+)
+def test_unreadable_error_reply_is_malformed(body: bytes) -> None:
+    with pytest.raises(MalformedMessage) as info:
+        decode_failure(body, "tasks.x")
+    assert info.value.subject == "tasks.x"
+
+
+@given(st.binary(max_size=300))
+def test_decode_failure_only_raises_malformed(data: bytes) -> None:
+    with contextlib.suppress(MalformedMessage):
+        assert isinstance(decode_failure(data), RemoteFailure)
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype"),
+    [
+        (b"[" * 10_000 + b"]" * 10_000, ContentType.JSON),
+        (b'{"a": ' * 10_000 + b"1" + b"}" * 10_000, ContentType.JSON),
+        (b"\x91" * 10_000 + b"\xc0", ContentType.MSGPACK),
+        (b'"\xff\xfe"', ContentType.JSON),
+        (b"\xa2\xff\xfe", ContentType.MSGPACK),
+        (b"1" * 5000, ContentType.JSON),  # an integer out of range
+    ],
+)
+def test_payload_nesting_utf8_and_range_failures_are_malformed(
+    body: bytes, ctype: ContentType
+) -> None:
+    for type_ in (Any, list, dict, Task):
+        with pytest.raises(MalformedMessage):
+            decode_payload(body, ctype, type_, "s")

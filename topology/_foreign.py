@@ -102,7 +102,7 @@ def parse_connz(data: bytes | str, *, mesh_prefix: str = "mesh:") -> list[Foreig
     """
     try:
         connz = _decoder.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, ValueError, RecursionError) as exc:
         raise ValueError(f"not a nats-server /connz document: {exc}") from exc
     clients = []
     for conn in connz.connections or ():

@@ -17,7 +17,7 @@ both streams into one. :meth:`LatencyHistogram.to_counts` gives a sparse
 from __future__ import annotations
 
 import math
-from typing import Final
+from typing import Annotated, Final
 
 import msgspec
 
@@ -45,15 +45,20 @@ BUCKETS: Final = (HIGHEST_TRACKABLE_NS.bit_length() - _LINEAR_BITS + 2) << SUB_B
 RELATIVE_ERROR: Final = 1 / (2 * _SUB)
 
 
+_Index = Annotated[int, msgspec.Meta(ge=0, lt=BUCKETS)]
+_Count = Annotated[int, msgspec.Meta(ge=0)]
+
+
 class HistogramCounts(msgspec.Struct, frozen=True, kw_only=True):
     """A histogram on the wire: the non-empty buckets and the exact extremes and sum.
 
     ``counts`` maps bucket index to count (only non-zero buckets). ``sub_bits`` names the
     bucket layout, so a receiver with another layout rejects the data instead of
-    misreading it.
+    misreading it. Decoding refuses indexes outside the layout, negative counts and
+    more than :data:`BUCKETS` entries (a hostile snapshot cannot make a huge dict).
     """
 
-    counts: dict[int, int]
+    counts: Annotated[dict[_Index, _Count], msgspec.Meta(max_length=BUCKETS)]
     min: int = 0
     max: int = 0
     sum: int = 0

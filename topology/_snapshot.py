@@ -12,7 +12,11 @@ traffic by subscription (the subject pattern and queue group the instance subscr
 with), so an edge is a sender's subject matched against a subscriber's pattern. Replies
 travel to inboxes and are counted on the subscription that answered them.
 
-Schema evolution is append-only: new fields get defaults.
+Schema evolution is append-only: new fields get defaults, so a newer reader takes an
+older snapshot. A reader refuses fields it does not know, as every control-plane record
+of the mesh does (a forged or garbled snapshot is counted as malformed, not half read):
+a field added here reaches readers (``mesh topology``, the sidecars) before the nodes
+that write it. Only the data-plane envelope skips unknown fields (see :mod:`mesh._wire`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,14 @@ from topology._histogram import HistogramCounts
 
 #: Subject prefix snapshots are published under; the instance id is the last token.
 TELEMETRY_SUBJECT: Final = "_MESH.telemetry"
+#: Largest snapshot decoded: four times the server's default ``max_payload``, so no
+#: snapshot a node can send under the default limits is refused.
+MAX_SNAPSHOT_BYTES: Final = 4 * 1024 * 1024
 
 
-class SentStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class SentStats(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """What an instance published on one subject during the interval."""
 
     subject: str
@@ -47,7 +56,9 @@ class SentStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     latency: HistogramCounts | None = None
 
 
-class ReceivedStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
+class ReceivedStats(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
     """What arrived on one subscription of an instance during the interval."""
 
     #: The subscription's subject (may hold wildcards).
@@ -79,7 +90,7 @@ class ReceivedStats(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=Tru
     inflight: int = 0
 
 
-class Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+class Snapshot(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
     """One instance's telemetry for one interval."""
 
     instance: str
@@ -109,5 +120,17 @@ _snapshot_decoder: Final = msgspec.msgpack.Decoder(Snapshot)
 
 
 def decode_snapshot(data: bytes) -> Snapshot:
-    """Decode a snapshot; raises ``msgspec.DecodeError`` or ``ValueError`` if malformed."""
-    return _snapshot_decoder.decode(data)
+    """Decode a snapshot.
+
+    Raises ``ValueError`` (``msgspec.DecodeError`` is one) for anything that is not a
+    snapshot of at most :data:`MAX_SNAPSHOT_BYTES` bytes, whatever the bytes: invalid
+    msgpack or UTF-8, nesting too deep, unknown fields, wrong types.
+    """
+    if len(data) > MAX_SNAPSHOT_BYTES:
+        raise ValueError(
+            f"snapshot of {len(data)} bytes is over the {MAX_SNAPSHOT_BYTES}-byte limit"
+        )
+    try:
+        return _snapshot_decoder.decode(data)
+    except RecursionError:
+        raise ValueError("snapshot nests too deeply") from None
