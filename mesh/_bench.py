@@ -482,7 +482,7 @@ def bench_reliable(
 
     Publish: raw `js.publish_async` with 256 acknowledgements outstanding against 256
     tasks awaiting `publish(..., reliable=True)`. Consume: a filled work-queue stream
-    drained by a raw durable pull consumer (fetch 64, ack each) against a node with a
+    drained by a raw durable pull consumer (fetch 64, confirmed acks) against a node with a
     reliable handler. Best round of each side, and mesh/raw.
     """
     from mesh._bench_reliable import format_reliable_bench, run_reliable_bench, to_json

@@ -8,9 +8,11 @@ nats-py JetStream, in one run against one server.
   ``publish(..., reliable=True)`` (envelope, ``Nats-Msg-Id``, stream acknowledgement).
 - **consume**: the stream filled beforehand, the time from the first message taken to
   the last one acknowledged (consumer setup not counted). Raw nats-py pulls with a
-  durable consumer (``fetch`` of ``BATCH``, ``ack`` each); the mesh runs a node with
-  a reliable handler that only counts (pull of ``BATCH``, the handler in its own
-  task, acknowledged after it).
+  durable consumer (``fetch`` of ``BATCH``, ``ack_sync`` each, a batch's at once);
+  the mesh runs a node with a reliable handler that only counts (pull of ``BATCH``,
+  the handler in its own task, acknowledged after it). Both sides wait for
+  JetStream to confirm each acknowledgement, as a reliable node must to run a
+  message once across a server failover.
 
 Each side has its own subject and stream; rounds alternate which side goes first,
 and the best round of each is reported. Storage is the server's file store.
@@ -124,8 +126,8 @@ async def _raw_consume(nc: Any, subject: str, stream: str, messages: int, span: 
             raise RuntimeError(f"raw consumer stalled at {done}/{messages}") from None
         if not done:
             span.start()
-        for msg in msgs:
-            await msg.ack()
+        # Confirmed acknowledgements, as a reliable node sends them: a batch's at once.
+        await asyncio.gather(*(msg.ack_sync() for msg in msgs))
         done += len(msgs)
     span.stop()
     await nc.flush()

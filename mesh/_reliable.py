@@ -68,6 +68,8 @@ ATTEMPT_TIMEOUT: Final = 2.0
 RETRY_PAUSE: Final = 0.05
 MAX_RETRY_PAUSE: Final = 0.5
 #: Streams remembered as ready per client (more are checked again on use).
+#: Seconds setting up a stream or consumer is retried while JetStream is busy.
+SETUP_TIMEOUT: Final = 30.0
 MAX_KNOWN_STREAMS: Final = 1024
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
@@ -290,6 +292,25 @@ class ReliableStreams:
         return name
 
     async def _create(self, subject: str, config: api.StreamConfig) -> str:
+        """Look the stream up, create it if missing; JetStream busy (a leader
+        election, several instances creating it at once) is tried again for up to
+        :data:`SETUP_TIMEOUT` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETUP_TIMEOUT
+        pause = RETRY_PAUSE
+        while True:
+            try:
+                return await self._create_once(subject, config)
+            except _Busy as busy:
+                if loop.time() + pause > deadline:
+                    raise ReliableSetupError(
+                        subject, f"{busy} (tried for {SETUP_TIMEOUT:g}s)"
+                    ) from None
+                log.debug("creating the stream of %s: %s; trying again", subject, busy)
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RETRY_PAUSE * 4)
+
+    async def _create_once(self, subject: str, config: api.StreamConfig) -> str:
         name = config.name
         assert name is not None
         jsm = self.jsm
@@ -298,10 +319,12 @@ class ReliableStreams:
             return name
         except nats.js.errors.NotFoundError:
             pass
+        except nats.js.errors.ServiceUnavailableError:
+            raise _Busy("JetStream is not available yet") from None
         except nats.errors.NoRespondersError:
             raise JetStreamUnavailable(f"the stream of {subject!r}", "no JetStream") from None
         except nats.errors.TimeoutError:
-            raise ReliableSetupError(subject, "JetStream did not answer in time") from None
+            raise _Busy("JetStream did not answer in time") from None
         try:
             await jsm.add_stream(config)
         except nats.js.errors.APIError as exc:
@@ -309,18 +332,23 @@ class ReliableStreams:
                 return name  # created meanwhile by another client
             if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
                 config.num_replicas = 1
-                await jsm.add_stream(config)
-                return name
+                return await self._create_once(subject, config)
             if exc.err_code == _ERR_SUBJECTS_OVERLAP:
                 raise ReliableSetupError(
                     subject,
                     "another stream already stores this subject; delete it or pick another subject",
                 ) from None
+            if exc.code == _UNAVAILABLE:
+                raise _Busy(exc.description or "JetStream is not available yet") from None
             raise ReliableSetupError(subject, exc.description or str(exc)) from None
         except nats.errors.TimeoutError:
-            raise ReliableSetupError(subject, "JetStream did not answer in time") from None
+            raise _Busy("JetStream did not answer in time") from None
         log.info("created stream %s for %s (R%s)", name, subject, config.num_replicas)
         return name
+
+
+class _Busy(Exception):
+    """JetStream did not answer, or said it is not ready: worth another try."""
 
 
 def reason_header(text: str) -> str:

@@ -5,8 +5,10 @@ group, so the instances share the work as a queue group would, and a message is
 taken by one of them at a time. Each message runs through the runtime's normal
 path (same concurrency slots, timeouts, tracing, telemetry), then is settled:
 
-- the handler returned: acknowledged (and its id remembered, so a redelivery of a
-  message whose acknowledgement got lost is acknowledged without running again);
+- the handler returned: acknowledged, and the acknowledgement confirmed by
+  JetStream (repeated until it is, within the ack wait: one lost with a dying
+  server would let another instance run the message again); its id is
+  remembered, so a redelivery to this instance is acknowledged without running;
 - it raised or timed out: redelivered after the handler's backoff, up to its
   ``max_deliver`` deliveries (defaults :data:`~mesh._reliable.BACKOFF` and
   :data:`~mesh._reliable.MAX_DELIVER`), then moved to ``_MESH.dlq.<subject>``
@@ -47,6 +49,7 @@ from mesh._reliable import (
     H_REASON,
     H_STREAM_SEQ,
     H_SUBJECT,
+    SETUP_TIMEOUT,
     ReliableStreams,
     consumer_name,
     dlq_subject,
@@ -70,6 +73,12 @@ FETCH_BATCH: Final = 64
 ACK_MARGIN: Final = 5.0
 #: Unacknowledged messages the consumer hands out at once, over all instances.
 MAX_ACK_PENDING: Final = 1000
+#: Seconds one acknowledgement waits for JetStream's confirmation before it is repeated.
+ACK_ATTEMPT: Final = 1.0
+#: Acknowledgements stop being repeated this long before the ack wait runs out.
+ACK_SLACK: Final = 0.5
+ACK: Final = b"+ACK"
+TERM: Final = b"+TERM"
 #: Pause after a failed pull (connection lost, leader election) before the next.
 RETRY_PAUSE: Final = 0.5
 #: Ids of handled messages remembered per handler, to skip redeliveries.
@@ -127,6 +136,7 @@ class ReliableConsumer:
         self.redelivered = 0  # deliveries after the first
         self.duplicates = 0  # already handled: acknowledged without running
         self.dead_lettered = 0
+        self.unconfirmed = 0  # acknowledgements never confirmed (the message comes back)
         self._streams = ReliableStreams(runtime.client.nc)
         self._psub: Any = None
         self._sid = 0
@@ -150,17 +160,7 @@ class ReliableConsumer:
             max_ack_pending=MAX_ACK_PENDING,
             filter_subject=self.subject,
         )
-        js = client.nc.jetstream(timeout=10)
-        try:
-            self._psub = await js.pull_subscribe(
-                self.subject, durable=self.durable, stream=stream, config=config
-            )
-        except nats.js.errors.APIError as exc:
-            raise ReliableSetupError(
-                self.subject,
-                f"{exc.description or exc} (a work-queue subject takes one consumer: is "
-                "another agent handling it reliably?)",
-            ) from None
+        self._psub = await self._bind(stream, config)
         self._sid = self._psub._sub._id
         # Reported by the telemetry emitter with the client's subscriptions.
         client._subs[self._sid] = self.subscription
@@ -173,6 +173,34 @@ class ReliableConsumer:
         self._pull = asyncio.get_running_loop().create_task(
             self._pull_loop(), name=f"{self.runtime.node.name}-reliable-{self.subject}"
         )
+
+    async def _bind(self, stream: str, config: api.ConsumerConfig) -> Any:
+        """Create or bind the durable consumer; JetStream busy (an election, other
+        instances binding at once) is tried again for up to SETUP_TIMEOUT seconds."""
+        js = self.runtime.client.nc.jetstream(timeout=10)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SETUP_TIMEOUT
+        while True:
+            try:
+                return await js.pull_subscribe(
+                    self.subject, durable=self.durable, stream=stream, config=config
+                )
+            except nats.js.errors.ServiceUnavailableError as exc:
+                busy = exc.description or "JetStream is not available yet"
+            except nats.errors.TimeoutError:
+                busy = "JetStream did not answer in time"
+            except nats.js.errors.APIError as exc:
+                raise ReliableSetupError(
+                    self.subject,
+                    f"{exc.description or exc} (a work-queue subject takes one consumer: is "
+                    "another agent handling it reliably?)",
+                ) from None
+            if loop.time() + RETRY_PAUSE > deadline:
+                raise ReliableSetupError(
+                    self.subject, f"{busy} (tried for {SETUP_TIMEOUT:g}s)"
+                ) from None
+            log.debug("binding the consumer of %s: %s; trying again", self.subject, busy)
+            await asyncio.sleep(RETRY_PAUSE)
 
     async def stop(self) -> None:
         """Stop pulling (the pull in progress finishes, and what it brought is handed
@@ -227,6 +255,9 @@ class ReliableConsumer:
         """Run one message through the handler (its slot is held) and settle it."""
         runtime = self.runtime
         held = True  # the slot, until _run takes it over
+        # The acknowledgement must land before JetStream's ack wait, counted from
+        # about now, runs out; after that it would be delivered again anyway.
+        settle_by = asyncio.get_running_loop().time() + self.ack_wait - ACK_SLACK
         try:
             attempt = _deliveries(jsmsg.reply)
             if attempt > 1:
@@ -257,7 +288,7 @@ class ReliableConsumer:
                 self.duplicates += 1
                 runtime._slots.release()
                 held = False
-                await self._settle(jsmsg.ack())
+                await self._confirm(jsmsg, ACK, settle_by)
                 return
             held = False
             outcome = await runtime._run(
@@ -265,7 +296,7 @@ class ReliableConsumer:
             )
             if not outcome:
                 await self.seen.add(envelope.id)
-                await self._settle(jsmsg.ack())
+                await self._confirm(jsmsg, ACK, settle_by)
             elif attempt >= self.handler.max_deliver:
                 await self._dead_letter(jsmsg, attempt, outcome)
             else:
@@ -312,7 +343,7 @@ class ReliableConsumer:
         log.warning(
             "dead-lettered %s #%s after %d attempts: %s", self.subject, seq, attempt, reason
         )
-        await self._settle(jsmsg.term())
+        await self._confirm(jsmsg, TERM, asyncio.get_running_loop().time() + ACK_ATTEMPT * 3)
 
     async def _on_max_deliveries(self, msg: Any) -> None:
         """Dead-letter a message whose last delivery was never settled."""
@@ -367,6 +398,40 @@ class ReliableConsumer:
             advisory.stream_seq,
             advisory.deliveries,
         )
+
+    async def _confirm(self, jsmsg: Msg, verdict: bytes, settle_by: float) -> None:
+        """Acknowledge (or terminate) ``jsmsg`` and wait for JetStream to confirm it,
+        trying again until ``settle_by``.
+
+        A plain acknowledgement is lost when the server it goes through, or the
+        consumer's leader, dies with it in flight: the message is then delivered
+        again after the ack wait, to any instance, and runs twice. Asking for a
+        confirmation (JetStream's "double ack") and repeating an unconfirmed one
+        (an acknowledgement is idempotent) closes that gap while the acknowledgement
+        can still arrive in time.
+        """
+        nc = self.runtime.client.nc
+        loop = asyncio.get_running_loop()
+        while True:
+            remaining = settle_by - loop.time()
+            try:
+                await nc.request(
+                    jsmsg.reply, verdict, timeout=max(0.05, min(remaining, ACK_ATTEMPT))
+                )
+                return
+            except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
+                return
+            except Exception as exc:  # no answer (a failover), no responders, reconnecting
+                if loop.time() + RETRY_PAUSE / 5 >= settle_by:
+                    self.unconfirmed += 1
+                    log.warning(
+                        "%s: an acknowledgement was not confirmed in time (%s); the message "
+                        "will be delivered again",
+                        self.subject,
+                        str(exc) or type(exc).__name__,
+                    )
+                    return
+            await asyncio.sleep(RETRY_PAUSE / 5)
 
     @staticmethod
     async def _settle(call: Any) -> None:
