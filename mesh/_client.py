@@ -87,6 +87,10 @@ DEFAULT_PENDING_MSGS: Final = 65_536
 DEFAULT_PENDING_BYTES: Final = 64 * 1024 * 1024
 #: Bytes of publishes buffered while reconnecting; past this publish raises PublishBufferFull.
 DEFAULT_RECONNECT_BUFFER: Final = 8 * 1024 * 1024
+#: A server that stops answering (hung, paused, a half-open connection) is left for
+#: another after about ping_interval × (max_outstanding_pings + 1) seconds, well
+#: within a reliable message's acknowledgement wait (nats-py waits minutes).
+_LIVENESS: Final[dict[str, Any]] = {"ping_interval": 2, "max_outstanding_pings": 2}
 
 # The deadline (Unix ns, 0 for none) of the request being handled in this task.
 current_deadline: contextvars.ContextVar[int] = contextvars.ContextVar("mesh_deadline", default=0)
@@ -212,7 +216,7 @@ class MeshClient:
                     disconnected_cb=on_disconnect,
                     reconnected_cb=on_reconnect,
                     skip_subject_validation=True,  # the mesh validates names itself
-                    **options,
+                    **{**_LIVENESS, **options},
                 ),
                 timeout=connect_timeout,
             )

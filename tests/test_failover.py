@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from _util import arun, retrying
+from _util import arun, eventually, retrying
 
 from mesh import MeshClient, NoResponders, RequestTimeout
 from mesh._cluster import NatsCluster
@@ -45,5 +45,30 @@ def test_node_survives_losing_its_server(nats_cluster: NatsCluster) -> None:
             assert server_side.connected
             assert server_side.nc.connected_url.port != victim.port
             assert server_side.stats().reconnects >= 1
+
+    arun(main(), timeout=60)
+
+
+@pytest.mark.cluster
+def test_a_client_leaves_a_server_that_stops_answering(nats_cluster: NatsCluster) -> None:
+    """A hung server (SIGSTOP: the TCP connection stays open, nothing answers) is
+    found by the client's pings and left for another member, in seconds rather than
+    nats-py's default of minutes."""
+
+    async def main() -> None:
+        async with await MeshClient.connect(nats_cluster.urls[0], name="pinger") as client:
+            await client.flush()
+            hung = nats_cluster.servers[0]
+            hung.pause()
+            try:
+                await eventually(
+                    lambda: client.stats().reconnects >= 1, 30, message="still on the hung server"
+                )
+                url = client.nc.connected_url
+                assert url is not None
+                assert url.port != hung.port
+                await client.flush(timeout=5)  # and the new server answers
+            finally:
+                hung.resume()
 
     arun(main(), timeout=60)
