@@ -812,7 +812,7 @@ def test_a_corrupt_stored_dictionary_is_refused_as_malformed(
     ("meta", "match"),
     [
         (b'{"name": "dict-1", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests too deeply"),
-        (b'{"name": "\xff"}', "utf-8"),
+        (b'{"name": "\xff"}', "(?i)utf-8"),
         (b"x" * (MAX_META_BYTES + 1), "over"),
         (b"[1, 2]", "Expected `object`"),
     ],

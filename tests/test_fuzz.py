@@ -864,7 +864,7 @@ def test_a_payload_type_msgspec_cannot_decode_is_refused_at_declaration() -> Non
     ("data", "match"),
     [
         (b'{"name": "n", "x": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "nests too deeply"),
-        (b'{"name": "\xff"}', "utf-8"),
+        (b'{"name": "\xff"}', "(?i)utf-8"),
         (b"x" * (MAX_INFO_BYTES + 1), "over"),
         (b"[]", "Expected `object`"),
     ],

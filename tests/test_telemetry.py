@@ -245,7 +245,7 @@ def _snapshot_map(**changes: Any) -> dict[str, Any]:
         ),
         (msgspec.msgpack.encode(_snapshot_map(sent=[{"subject": "x", "x": 2}])), "unknown field"),
         (msgspec.msgpack.encode(_snapshot_map(agent=5)), "Expected `str`"),
-        (msgspec.msgpack.encode(_snapshot_map()).replace(b"\xa1a", b"\xa1\xff"), "utf-8"),
+        (msgspec.msgpack.encode(_snapshot_map()).replace(b"\xa1a", b"\xa1\xff"), "(?i)utf-8"),
         (b"\x91" * 5000 + b"\xc0", "Expected `object`"),
         (b"\x00" * (MAX_SNAPSHOT_BYTES + 1), "over"),
     ],
