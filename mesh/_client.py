@@ -551,8 +551,11 @@ class MeshClient:
         """Store a frame in ``subject``'s stream (created on first use)."""
         if self._streams is None:
             self._streams = ReliableStreams(self.nc)
-        await self._streams.ensure(subject)
-        await store(self.nc, subject, frame, msg_id, timeout=timeout)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        await self._streams.ensure(subject, timeout=timeout)
+        # Creating the stream (once) took part of the caller's time, not all of it.
+        await store(self.nc, subject, frame, msg_id, timeout=max(0.5, deadline - loop.time()))
 
     def _compress(self, subject: str, body: bytes) -> tuple[bytes, Codec, int, int]:
         """``body`` encoded by ``subject``'s codec policy: (body, codec, dictionary, level)."""

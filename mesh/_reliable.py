@@ -67,9 +67,12 @@ PUBLISH_TIMEOUT: Final = 5.0
 ATTEMPT_TIMEOUT: Final = 2.0
 RETRY_PAUSE: Final = 0.05
 MAX_RETRY_PAUSE: Final = 0.5
-#: Streams remembered as ready per client (more are checked again on use).
 #: Seconds setting up a stream or consumer is retried while JetStream is busy.
 SETUP_TIMEOUT: Final = 30.0
+#: Seconds of "no responders" on the JetStream API before it counts as not enabled
+#: (rather than a server restarting).
+NO_JETSTREAM_GRACE: Final = 3.0
+#: Streams remembered as ready per client (more are checked again on use).
 MAX_KNOWN_STREAMS: Final = 1024
 
 MSG_ID_HEADER: Final = "Nats-Msg-Id"
@@ -256,15 +259,16 @@ class ReliableStreams:
         info = getattr(self._nc, "_server_info", None) or {}
         return 3 if info.get("cluster") else 1
 
-    async def ensure(self, subject: str) -> str:
-        """The name of ``subject``'s stream, created if missing."""
+    async def ensure(self, subject: str, timeout: float = SETUP_TIMEOUT) -> str:
+        """The name of ``subject``'s stream, created if missing (tried for up to
+        ``timeout`` seconds while JetStream is busy)."""
         name = self._ready.get(subject)
         if name is not None:
             return name
         return await self._once(
             subject,
             lambda: self._create(
-                subject, stream_config(subject, self.replicas(), self._nc.max_payload)
+                subject, stream_config(subject, self.replicas(), self._nc.max_payload), timeout
             ),
         )
 
@@ -274,13 +278,16 @@ class ReliableStreams:
         if name is not None:
             return name
         return await self._once(
-            DLQ_PREFIX, lambda: self._create(DLQ_PREFIX, dlq_config(self.replicas()))
+            DLQ_PREFIX,
+            lambda: self._create(DLQ_PREFIX, dlq_config(self.replicas()), SETUP_TIMEOUT),
         )
 
     async def _once(self, key: str, create: Any) -> str:
         pending = self._pending.get(key)
         if pending is None:
             pending = self._pending[key] = asyncio.ensure_future(create())
+            # Every caller may be cancelled: the outcome is still retrieved.
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
         try:
             name: str = await asyncio.shield(pending)
         finally:
@@ -291,38 +298,47 @@ class ReliableStreams:
         self._ready[key] = name
         return name
 
-    async def _create(self, subject: str, config: api.StreamConfig) -> str:
+    async def _create(self, subject: str, config: api.StreamConfig, timeout: float) -> str:
         """Look the stream up, create it if missing; JetStream busy (a leader
-        election, several instances creating it at once) is tried again for up to
-        :data:`SETUP_TIMEOUT` seconds."""
+        election, several instances creating it at once, a server restarting) is
+        tried again for up to ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + SETUP_TIMEOUT
+        start = loop.time()
+        deadline = start + timeout
         pause = RETRY_PAUSE
         while True:
             try:
-                return await self._create_once(subject, config)
+                return await self._create_once(subject, config, deadline - loop.time())
             except _Busy as busy:
-                if loop.time() + pause > deadline:
-                    raise ReliableSetupError(
-                        subject, f"{busy} (tried for {SETUP_TIMEOUT:g}s)"
+                now = loop.time()
+                if busy.no_responders and now - start >= NO_JETSTREAM_GRACE:
+                    raise JetStreamUnavailable(
+                        f"the stream of {subject!r}", "no JetStream"
                     ) from None
+                if now + pause > deadline:
+                    raise ReliableSetupError(subject, f"{busy} (tried for {timeout:g}s)") from None
                 log.debug("creating the stream of %s: %s; trying again", subject, busy)
             await asyncio.sleep(pause)
             pause = min(pause * 2, MAX_RETRY_PAUSE * 4)
 
-    async def _create_once(self, subject: str, config: api.StreamConfig) -> str:
+    async def _create_once(self, subject: str, config: api.StreamConfig, remaining: float) -> str:
         name = config.name
         assert name is not None
-        jsm = self.jsm
+        jsm = self._nc.jsm(timeout=max(0.1, min(PUBLISH_TIMEOUT, remaining)))
         try:
             await jsm.stream_info(name)
             return name
         except nats.js.errors.NotFoundError:
             pass
-        except nats.js.errors.ServiceUnavailableError:
-            raise _Busy("JetStream is not available yet") from None
+        except nats.js.errors.ServiceUnavailableError as exc:
+            # Without an error code it is the server's "no responders" status: nobody
+            # serves the JetStream API (not enabled, or a server restarting).
+            raise _Busy(
+                exc.description or "no JetStream server answered",
+                no_responders=exc.err_code is None,
+            ) from None
         except nats.errors.NoRespondersError:
-            raise JetStreamUnavailable(f"the stream of {subject!r}", "no JetStream") from None
+            raise _Busy("no JetStream server answered", no_responders=True) from None
         except nats.errors.TimeoutError:
             raise _Busy("JetStream did not answer in time") from None
         try:
@@ -332,7 +348,7 @@ class ReliableStreams:
                 return name  # created meanwhile by another client
             if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
                 config.num_replicas = 1
-                return await self._create_once(subject, config)
+                return await self._create_once(subject, config, remaining)
             if exc.err_code == _ERR_SUBJECTS_OVERLAP:
                 raise ReliableSetupError(
                     subject,
@@ -349,6 +365,10 @@ class ReliableStreams:
 
 class _Busy(Exception):
     """JetStream did not answer, or said it is not ready: worth another try."""
+
+    def __init__(self, reason: str, *, no_responders: bool = False) -> None:
+        super().__init__(reason)
+        self.no_responders = no_responders
 
 
 def reason_header(text: str) -> str:
