@@ -6,9 +6,12 @@ taken by one of them at a time. Each message runs through the runtime's normal
 path (same concurrency slots, timeouts, tracing, telemetry), then is settled:
 
 - the handler returned: acknowledged, and the acknowledgement confirmed by
-  JetStream (repeated until it is, within the ack wait: one lost with a dying
-  server would let another instance run the message again); its id is
-  remembered, so a redelivery to this instance is acknowledged without running;
+  JetStream (repeated until it is, up to ACK_GRACE past the ack wait: one lost
+  with a dying server would let another instance run the message again); its id is
+  remembered, so a redelivery to this instance is acknowledged without running,
+  and a redelivery to another instance asks its peers first (a consumer leader
+  that dies can take confirmed acknowledgements with it: the instance that ran
+  the message says so within PEER_WAIT, and it is acknowledged without running);
 - it raised or timed out: redelivered after the handler's backoff, up to its
   ``max_deliver`` deliveries (defaults :data:`~mesh._reliable.BACKOFF` and
   :data:`~mesh._reliable.MAX_DELIVER`), then moved to ``_MESH.dlq.<subject>``
@@ -31,6 +34,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import random
 from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
@@ -75,10 +79,20 @@ ACK_MARGIN: Final = 5.0
 MAX_ACK_PENDING: Final = 1000
 #: Seconds one acknowledgement waits for JetStream's confirmation before it is repeated.
 ACK_ATTEMPT: Final = 1.0
-#: Acknowledgements stop being repeated this long before the ack wait runs out.
-ACK_SLACK: Final = 0.5
+#: Seconds past the ack wait an unconfirmed acknowledgement is still repeated.
+ACK_GRACE: Final = 10.0
+#: Pauses before an acknowledgement is repeated: the first, doubling up to the last.
+ACK_PAUSE: Final = 0.1
+ACK_MAX_PAUSE: Final = 0.4
 ACK: Final = b"+ACK"
 TERM: Final = b"+TERM"
+#: Where instances of an agent ask each other about a redelivered id
+#: (``<prefix><stream>.<durable>``).
+PEER_SEEN_PREFIX: Final = "_MESH.seen."
+#: Seconds a redelivery waits for a peer that handled it to say so.
+PEER_WAIT: Final = 0.25
+#: Longest message id (mesh._reliable.validate_msg_id).
+MAX_MSG_ID: Final = 128
 #: Pause after a failed pull (connection lost, leader election) before the next.
 RETRY_PAUSE: Final = 0.5
 #: Ids of handled messages remembered per handler, to skip redeliveries.
@@ -135,6 +149,7 @@ class ReliableConsumer:
         self.seen = SeenIds()
         self.redelivered = 0  # deliveries after the first
         self.duplicates = 0  # already handled: acknowledged without running
+        self.peer_duplicates = 0  # of which another instance had handled
         self.dead_lettered = 0
         self.unconfirmed = 0  # acknowledgements never confirmed (the message comes back)
         self._streams = ReliableStreams(runtime.client.nc)
@@ -142,6 +157,8 @@ class ReliableConsumer:
         self._sid = 0
         self._pull: asyncio.Task[None] | None = None
         self._advisories: Any = None
+        self._peers: Any = None
+        self._peer_subject = ""
         self._stream = ""
         self._stopping = False
 
@@ -170,6 +187,9 @@ class ReliableConsumer:
             queue=self.durable,
             cb=self._on_max_deliveries,
         )
+        # Every instance (no queue group) answers whether it handled an id.
+        self._peer_subject = f"{PEER_SEEN_PREFIX}{stream}.{self.durable}"
+        self._peers = await client.nc.subscribe(self._peer_subject, cb=self._on_peer_query)
         self._pull = asyncio.get_running_loop().create_task(
             self._pull_loop(), name=f"{self.runtime.node.name}-reliable-{self.subject}"
         )
@@ -189,6 +209,8 @@ class ReliableConsumer:
                 busy = exc.description or "JetStream is not available yet"
             except nats.errors.TimeoutError:
                 busy = "JetStream did not answer in time"
+            except nats.errors.NoRespondersError:  # a server restarting: its stream exists
+                busy = "no JetStream server answered"
             except nats.js.errors.APIError as exc:
                 raise ReliableSetupError(
                     self.subject,
@@ -212,7 +234,7 @@ class ReliableConsumer:
                 self._pull.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._pull
-        for sub in (self._advisories, self._psub):
+        for sub in (self._advisories, self._peers, self._psub):
             if sub is not None:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
@@ -241,23 +263,27 @@ class ReliableConsumer:
                 await asyncio.sleep(RETRY_PAUSE)
                 continue
             failures = 0
+            fetched = loop.time()  # JetStream's ack wait runs from (about) now
             for jsmsg in msgs:
                 await slots.acquire()
                 if self._stopping:
                     slots.release()
                     await self._settle(jsmsg.nak())  # another instance takes it now
                     continue
-                task = loop.create_task(self._process(jsmsg))
+                task = loop.create_task(self._process(jsmsg, fetched))
                 runtime._tasks.add(task)
                 task.add_done_callback(runtime._tasks.discard)
 
-    async def _process(self, jsmsg: Msg) -> None:
-        """Run one message through the handler (its slot is held) and settle it."""
+    async def _process(self, jsmsg: Msg, delivered: float) -> None:
+        """Run one message, delivered at loop time ``delivered``, through the handler
+        (its slot is held) and settle it."""
         runtime = self.runtime
         held = True  # the slot, until _run takes it over
-        # The acknowledgement must land before JetStream's ack wait, counted from
-        # about now, runs out; after that it would be delivered again anyway.
-        settle_by = asyncio.get_running_loop().time() + self.ack_wait - ACK_SLACK
+        handled = False  # the handler succeeded: never hand this one back
+        # Confirmation is sought past the ack wait: while an election leaves the
+        # consumer without a leader nothing is redelivered, and a late
+        # acknowledgement of work done is never wrong.
+        settle_by = delivered + self.ack_wait + ACK_GRACE
         try:
             attempt = _deliveries(jsmsg.reply)
             if attempt > 1:
@@ -284,7 +310,9 @@ class ReliableConsumer:
             counts.msgs += 1
             counts.wire += len(data)
             counts.raw += len(body)
-            if await self.seen.seen(envelope.id):
+            if await self.seen.seen(envelope.id) or (
+                attempt > 1 and await self._peer_handled(envelope.id)
+            ):
                 self.duplicates += 1
                 runtime._slots.release()
                 held = False
@@ -295,6 +323,7 @@ class ReliableConsumer:
                 self.handler, self.index, Message(self.subject, "", body, envelope)
             )
             if not outcome:
+                handled = True
                 await self.seen.add(envelope.id)
                 await self._confirm(jsmsg, ACK, settle_by)
             elif attempt >= self.handler.max_deliver:
@@ -303,13 +332,44 @@ class ReliableConsumer:
                 backoff = self.handler.backoff
                 await self._settle(jsmsg.nak(delay=backoff[min(attempt, len(backoff)) - 1]))
         except asyncio.CancelledError:
-            # Shutting down: hand it back so another instance takes it now.
+            # Shutting down: hand it back so another instance takes it now, unless
+            # its work is done and only the confirmation was pending: one last ack.
             with contextlib.suppress(Exception):
-                await asyncio.wait_for(jsmsg.nak(), 1)
+                if handled:
+                    await runtime.client.nc.publish(jsmsg.reply, ACK)
+                else:
+                    await asyncio.wait_for(jsmsg.nak(), 1)
             raise
         finally:
             if held:
                 runtime._slots.release()
+
+    async def _peer_handled(self, msg_id: str) -> bool:
+        """Whether another instance of the agent says it handled ``msg_id`` (asked on
+        redeliveries only: an acknowledgement lost with a consumer leader that died
+        is redelivered to any instance, while the one that ran it remembers)."""
+        try:
+            await self.runtime.client.nc.request(
+                self._peer_subject, msg_id.encode(), timeout=PEER_WAIT
+            )
+        except Exception:  # nobody answered: nobody remembers it
+            return False
+        self.peer_duplicates += 1
+        return True
+
+    async def _on_peer_query(self, msg: Any) -> None:
+        """Answer a peer's question when this instance handled the id (else stay
+        silent: the asker waits PEER_WAIT for a yes)."""
+        data = msg.data
+        if not msg.reply or not 0 < len(data) <= MAX_MSG_ID:
+            return
+        try:
+            handled = await self.seen.seen(data.decode())
+        except UnicodeDecodeError:
+            return
+        if handled:
+            with contextlib.suppress(Exception):
+                await self.runtime.client.nc.publish(msg.reply, b"1")
 
     async def _dead_letter(self, jsmsg: Msg, attempt: int, reason: str) -> None:
         """Store the message in the dead-letter stream, then remove it from its own."""
@@ -412,6 +472,7 @@ class ReliableConsumer:
         """
         nc = self.runtime.client.nc
         loop = asyncio.get_running_loop()
+        pause = ACK_PAUSE
         while True:
             remaining = settle_by - loop.time()
             try:
@@ -422,16 +483,20 @@ class ReliableConsumer:
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                 return
             except Exception as exc:  # no answer (a failover), no responders, reconnecting
-                if loop.time() + RETRY_PAUSE / 5 >= settle_by:
+                if loop.time() + pause >= settle_by:
                     self.unconfirmed += 1
-                    log.warning(
-                        "%s: an acknowledgement was not confirmed in time (%s); the message "
-                        "will be delivered again",
-                        self.subject,
-                        str(exc) or type(exc).__name__,
-                    )
+                    if self.unconfirmed == 1 or self.unconfirmed % 100 == 0:
+                        log.warning(
+                            "%s: %d acknowledgement(s) never confirmed (last: %s); those "
+                            "messages may run again",
+                            self.subject,
+                            self.unconfirmed,
+                            str(exc) or type(exc).__name__,
+                        )
                     return
-            await asyncio.sleep(RETRY_PAUSE / 5)
+            # Spread out: with no consumer leader, every pending one fails at once.
+            await asyncio.sleep(pause * random.uniform(0.5, 1.5))
+            pause = min(pause * 2, ACK_MAX_PAUSE)
 
     @staticmethod
     async def _settle(call: Any) -> None:

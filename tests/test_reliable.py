@@ -16,6 +16,7 @@ from test_cli import amesh, mesh
 
 from mesh import (
     InvalidName,
+    JetStreamUnavailable,
     MeshClient,
     PublishNotConfirmed,
 )
@@ -357,3 +358,66 @@ def test_mesh_publish_reliable_stores_the_messages(nats_url: str) -> None:
             assert await stream_messages(client, stream_name("work.cli")) == 3
 
     arun(main())
+
+
+def test_reliable_without_jetstream_is_a_clear_error() -> None:
+    """A server without JetStream: a reliable publish and a reliable handler say so,
+    after a short grace (a restarting server also has no responders for a moment)."""
+    seen: list[int] = []
+
+    async def main(url: str) -> None:
+        async with await MeshClient.connect(url, name="producer") as producer:
+            with pytest.raises(JetStreamUnavailable, match="JetStream"):
+                await producer.publish("work.tasks", Task(n=1), reliable=True)
+            with pytest.raises(JetStreamUnavailable, match="JetStream"):
+                async with NodeRuntime(worker("w", seen), producer, register=False):
+                    pass
+        assert not seen
+
+    with NatsServer(port=0, monitor_port=None, jetstream=False) as server:
+        arun(main(server.url))
+
+
+def test_a_redelivery_to_another_instance_asks_the_one_that_handled_it(nats_url: str) -> None:
+    """An acknowledgement lost for good (as with a consumer leader killed before it
+    replicated it): the message comes back to another instance, which asks its peers,
+    hears that one of them handled it, and acknowledges it without running it."""
+    handled: list[tuple[str, int]] = []
+
+    def instance(label: str) -> Node:
+        node = Node("worker", handler_timeout=0.5)  # ack wait: 5.5 s
+
+        @node.handles("work.tasks", reliable=True, backoff=FAST)
+        async def handle(task: Task) -> None:
+            handled.append((label, task.n))
+
+        return node
+
+    async def no_ack(*_: Any) -> None:  # the acknowledgement that never lands
+        return None
+
+    async def main() -> None:
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="w1") as first,
+            await MeshClient.connect(nats_url, name="w2") as second,
+            NodeRuntime(instance("a"), first, register=False) as a,
+        ):
+            feed_a = a._consumers[0]
+            feed_a._confirm = no_ack  # type: ignore[method-assign]
+            await producer.publish("work.tasks", Task(7), reliable=True)
+            await eventually(lambda: handled == [("a", 7)], timeout=10)
+            feed_a._stopping = True  # a pulls no more, but still answers its peers
+            await eventually(lambda: feed_a._pull is not None and feed_a._pull.done(), 10)
+            async with NodeRuntime(instance("b"), second, register=False) as b:
+                feed_b = b._consumers[0]
+                await eventually(lambda: feed_b.peer_duplicates == 1, timeout=30)
+                stream = stream_name("work.tasks")
+
+                async def emptied() -> bool:
+                    return await stream_messages(producer, stream) == 0
+
+                await eventually(emptied, 10)
+            assert handled == [("a", 7)]
+
+    arun(main(), timeout=90)
