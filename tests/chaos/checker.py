@@ -15,9 +15,16 @@ every delivery (the id and the consumer that processed it) in a `History`;
 
 An id attempted more than once (a retry after a timeout) keeps its strongest
 outcome, ok over unknown over failed: one confirmation is enough, and one
-timeout means it may be stored. A `Criterion` is a named condition on the
-counts; `judge` turns counts and criteria into a `Result`, and `render_table`
-prints every scenario's result as one aligned table.
+timeout means it may be stored.
+
+One difference from Jepsen: there, a dequeued message whose enqueue was recorded
+as failed counts as recovered; here it is unexpected. The scenarios record
+failed only where nothing can have been sent (refused by the server, or never
+handed to the connection), so such a delivery is a real anomaly.
+
+A `Criterion` is a named condition on the counts; `judge` turns counts and
+criteria into a `Result`, and `render_table` prints every scenario's result as
+one aligned table.
 """
 
 from __future__ import annotations

@@ -317,9 +317,10 @@ class ReliablePublisher:
     time (at most ``rate`` per second when given), recording every attempt in a History.
 
     An acknowledged publish is OK; PublishNotConfirmed (no acknowledgement within
-    ``ack_timeout``: it may be stored) is UNKNOWN; PublishRefused and a full
-    buffer are FAILED. A publish that was not OK is tried again with the same id
-    (the stream stores an id once) until ``give_up`` seconds after its first try.
+    ``ack_timeout``: it may be stored) and ClientClosed (cut off in flight) are
+    UNKNOWN; PublishRefused and a full buffer are FAILED. A publish that was not
+    OK is tried again with the same id (the stream stores an id once) until
+    ``give_up`` seconds after its first try.
     ``acked_at`` holds when each acknowledgement came (``time.monotonic``), to find
     the longest stall.
     """
@@ -352,6 +353,9 @@ class ReliablePublisher:
         self._rate = rate
         self._next = 0
         self._started = 0.0
+        #: Cleared, the senders wait before their next publish (set again: they go on).
+        self.gate = asyncio.Event()
+        self.gate.set()
 
     @property
     def issued(self) -> int:
@@ -368,6 +372,7 @@ class ReliablePublisher:
             self._next += 1
             if self._rate is not None:  # id n goes out n / rate seconds after the start
                 await asyncio.sleep(max(0.0, self._started + seq / self._rate - time.monotonic()))
+            await self.gate.wait()
             await self._publish(f"{self._prefix}{seq}")
 
     async def _publish(self, mid: str) -> None:
@@ -379,10 +384,10 @@ class ReliablePublisher:
                 await self._client.publish(
                     self._subject, data, reliable=True, msg_id=mid, ack_timeout=self._ack_timeout
                 )
-            except PublishNotConfirmed:
+            except (PublishNotConfirmed, ClientClosed) as exc:  # it may have been stored
                 history.publish(mid, Outcome.UNKNOWN)
-                history.count("not_confirmed")
-            except (PublishRefused, PublishBufferFull, ClientClosed) as exc:
+                history.count("not_confirmed" if isinstance(exc, PublishNotConfirmed) else "closed")
+            except (PublishRefused, PublishBufferFull) as exc:
                 history.publish(mid, Outcome.FAILED)
                 history.count(type(exc).__name__)
                 await asyncio.sleep(0.2)
