@@ -47,7 +47,7 @@ import json
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -534,6 +534,26 @@ async def stop_workers(workers: list[Proc], history: History) -> None:
     history.note("worker_exit_codes", sum(abs(code) for code in codes))
 
 
+@contextlib.asynccontextmanager
+async def running(publisher: ReliablePublisher) -> AsyncIterator[asyncio.Task[None]]:
+    """``publisher.run()`` as a task for the block, cancelled if still running after it."""
+    task = asyncio.create_task(publisher.run())
+    try:
+        yield task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def finish(log: DeliveryLog, history: History, workers: list[Proc]) -> None:
+    """Wait (bounded) until every acknowledged publish was processed, stop the
+    workers, and read their last records."""
+    await log.until(lambda: history.undelivered_ok() == 0, 60)
+    await stop_workers(workers, history)
+    log.poll()
+
+
 KILL_TOTAL = 50_000
 KILL_PARALLEL = 128
 KILL_AT = (10_000, 25_000)  # acknowledged publishes before the follower, then the leader, dies
@@ -550,8 +570,7 @@ def test_kill_follower_then_leader(
         workers = await workers_on_every_server(processes, nats_cluster, scenario)
         async with await MeshClient.connect(nats_cluster.urls, name="chaos-reliable") as client:
             publisher = ReliablePublisher(history, client, total=KILL_TOTAL, parallel=KILL_PARALLEL)
-            publishing = asyncio.create_task(publisher.run())
-            try:
+            async with running(publisher) as publishing:
                 await eventually(lambda: publisher.ok >= KILL_AT[0], 60, message="no publishes")
                 leader, followers = await stream_leader(client)
                 follower = server_named(nats_cluster, followers[0])
@@ -575,13 +594,7 @@ def test_kill_follower_then_leader(
                 await asyncio.to_thread(server_named(nats_cluster, leader).start)
                 new_leader, _ = await stream_leader(client)
                 history.note("leader_changed", int(new_leader != leader))
-            finally:
-                publishing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publishing
-        await log.until(lambda: history.undelivered_ok() == 0, 60)
-        await stop_workers(workers, history)
-        log.poll()
+        await finish(log, history, workers)
 
     arun(main(), timeout=220)
     result = scenario.report(
@@ -624,8 +637,7 @@ def test_sigstop_leader(
             publisher = ReliablePublisher(
                 history, client, total=PAUSE_TOTAL, parallel=64, rate=PAUSE_RATE
             )
-            publishing = asyncio.create_task(publisher.run())
-            try:
+            async with running(publisher) as publishing:
                 await eventually(lambda: publisher.ok >= PAUSE_AFTER, 60, message="no publishes")
                 paused_at = publisher.ok
                 leader.pause()
@@ -638,13 +650,7 @@ def test_sigstop_leader(
                 new_leader, _ = await stream_leader(client)
                 history.note("leader_changed", int(new_leader != leader_name))
                 history.note("longest_stall_s", round(publisher.longest_stall(), 1))
-            finally:
-                publishing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publishing
-        await log.until(lambda: history.undelivered_ok() == 0, 60)
-        await stop_workers(workers, history)
-        log.poll()
+        await finish(log, history, workers)
 
     arun(main(), timeout=220)
     result = scenario.report(
@@ -692,8 +698,7 @@ def test_kill_consumer(scenario: Scenario, nats_cluster: NatsCluster, processes:
             publisher = ReliablePublisher(
                 history, client, total=CONSUMER_TOTAL, parallel=32, rate=CONSUMER_RATE
             )
-            publishing = asyncio.create_task(publisher.run())
-            try:
+            async with running(publisher) as publishing:
                 # A batch finished, and the next started: the victim is in the middle of
                 # its handlers' work (VICTIM_WORK), holding them unacknowledged.
                 await eventually(lambda: len(lines(done_path)) >= VICTIM_CONCURRENCY, 60)
@@ -709,15 +714,9 @@ def test_kill_consumer(scenario: Scenario, nats_cluster: NatsCluster, processes:
                 victim.kill()
                 history.note("victim_exit", victim.returncode or 0)
                 await publishing
-            finally:
-                publishing.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await publishing
         held = set(lines(taken_path)) - set(lines(done_path))
         history.note("held", len(held))
-        await log.until(lambda: history.undelivered_ok() == 0, 60)
-        await stop_workers(peers, history)
-        log.poll()
+        await finish(log, history, peers)
         history.note("held_redelivered", sum(1 for mid in held if history.deliveries(mid)))
 
     arun(main(), timeout=160)
