@@ -21,10 +21,12 @@ them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import re
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import msgspec
 import nats.errors
@@ -46,6 +48,7 @@ if TYPE_CHECKING:
     from nats.aio.client import Client as Nats
 
 log = logging.getLogger("mesh.reliable")
+T = TypeVar("T")
 
 STREAM_PREFIX: Final = "MESH_R_"
 DLQ_STREAM: Final = "MESH_DLQ"
@@ -249,10 +252,6 @@ class ReliableStreams:
         self._ready: dict[str, str] = {}
         self._pending: dict[str, asyncio.Future[str]] = {}
 
-    @property
-    def jsm(self) -> Any:
-        return self._nc.jsm(timeout=PUBLISH_TIMEOUT)
-
     def replicas(self) -> int:
         if self._replicas is not None:
             return self._replicas
@@ -299,76 +298,95 @@ class ReliableStreams:
         return name
 
     async def _create(self, subject: str, config: api.StreamConfig, timeout: float) -> str:
-        """Look the stream up, create it if missing; JetStream busy (a leader
-        election, several instances creating it at once, a server restarting) is
-        tried again for up to ``timeout`` seconds."""
-        loop = asyncio.get_running_loop()
-        start = loop.time()
-        deadline = start + timeout
-        pause = RETRY_PAUSE
-        while True:
-            try:
-                return await self._create_once(subject, config, deadline - loop.time())
-            except _Busy as busy:
-                now = loop.time()
-                if busy.no_responders and now - start >= NO_JETSTREAM_GRACE:
-                    raise JetStreamUnavailable(
-                        f"the stream of {subject!r}", "no JetStream"
-                    ) from None
-                if now + pause > deadline:
-                    raise ReliableSetupError(subject, f"{busy} (tried for {timeout:g}s)") from None
-                log.debug("creating the stream of %s: %s; trying again", subject, busy)
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, MAX_RETRY_PAUSE * 4)
+        """Look the stream up, create it if missing, for up to ``timeout`` seconds while
+        JetStream is busy (:func:`while_busy`)."""
+        return await while_busy(
+            subject, lambda remaining: self._create_once(subject, config, remaining), timeout
+        )
 
     async def _create_once(self, subject: str, config: api.StreamConfig, remaining: float) -> str:
         name = config.name
         assert name is not None
         jsm = self._nc.jsm(timeout=max(0.1, min(PUBLISH_TIMEOUT, remaining)))
-        try:
-            await jsm.stream_info(name)
-            return name
-        except nats.js.errors.NotFoundError:
-            pass
-        except nats.js.errors.ServiceUnavailableError as exc:
-            # Without an error code it is the server's "no responders" status: nobody
-            # serves the JetStream API (not enabled, or a server restarting).
-            raise _Busy(
-                exc.description or "no JetStream server answered",
-                no_responders=exc.err_code is None,
-            ) from None
-        except nats.errors.NoRespondersError:
-            raise _Busy("no JetStream server answered", no_responders=True) from None
-        except nats.errors.TimeoutError:
-            raise _Busy("JetStream did not answer in time") from None
-        try:
-            await jsm.add_stream(config)
-        except nats.js.errors.APIError as exc:
-            if exc.err_code == _ERR_STREAM_NAME_IN_USE:
-                return name  # created meanwhile by another client
-            if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
-                config.num_replicas = 1
-                return await self._create_once(subject, config, remaining)
-            if exc.err_code == _ERR_SUBJECTS_OVERLAP:
-                raise ReliableSetupError(
-                    subject,
-                    "another stream already stores this subject; delete it or pick another subject",
-                ) from None
-            if exc.code == _UNAVAILABLE:
-                raise _Busy(exc.description or "JetStream is not available yet") from None
-            raise ReliableSetupError(subject, exc.description or str(exc)) from None
-        except nats.errors.TimeoutError:
-            raise _Busy("JetStream did not answer in time") from None
+        with busy_when_unavailable():
+            try:
+                await jsm.stream_info(name)
+                return name
+            except nats.js.errors.NotFoundError:
+                pass
+            try:
+                await jsm.add_stream(config)
+            except nats.js.errors.ServiceUnavailableError:
+                raise
+            except nats.js.errors.APIError as exc:
+                if exc.err_code == _ERR_STREAM_NAME_IN_USE:
+                    return name  # created meanwhile by another client
+                if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
+                    config.num_replicas = 1
+                    return await self._create_once(subject, config, remaining)
+                if exc.err_code == _ERR_SUBJECTS_OVERLAP:
+                    raise ReliableSetupError(
+                        subject,
+                        "another stream already stores this subject; delete it or pick another "
+                        "subject",
+                    ) from None
+                if exc.code == _UNAVAILABLE:
+                    raise Busy(exc.description or "JetStream is not available yet") from None
+                raise ReliableSetupError(subject, exc.description or str(exc)) from None
         log.info("created stream %s for %s (R%s)", name, subject, config.num_replicas)
         return name
 
 
-class _Busy(Exception):
+class Busy(Exception):
     """JetStream did not answer, or said it is not ready: worth another try."""
 
     def __init__(self, reason: str, *, no_responders: bool = False) -> None:
         super().__init__(reason)
         self.no_responders = no_responders
+
+
+@contextlib.contextmanager
+def busy_when_unavailable() -> Iterator[None]:
+    """Turn a JetStream API call's "not now" (no answer, no responders, 503) into
+    :class:`Busy`."""
+    try:
+        yield
+    except nats.js.errors.ServiceUnavailableError as exc:
+        # Without an error code it is the server's "no responders" status: nobody
+        # serves the JetStream API (not enabled, or a server restarting).
+        raise Busy(
+            exc.description or "no JetStream server answered",
+            no_responders=exc.err_code is None,
+        ) from None
+    except nats.errors.NoRespondersError:
+        raise Busy("no JetStream server answered", no_responders=True) from None
+    except nats.errors.TimeoutError:
+        raise Busy("JetStream did not answer in time") from None
+
+
+async def while_busy(
+    subject: str, attempt: Callable[[float], Awaitable[T]], timeout: float = SETUP_TIMEOUT
+) -> T:
+    """``await attempt(remaining_seconds)`` again, with growing pauses, while it raises
+    :class:`Busy` (a leader election, several instances setting up at once, a server
+    restarting), for up to ``timeout`` seconds: then :class:`ReliableSetupError`.
+    No responders for :data:`NO_JETSTREAM_GRACE` seconds is :class:`JetStreamUnavailable`."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    deadline = start + timeout
+    pause = RETRY_PAUSE
+    while True:
+        try:
+            return await attempt(deadline - loop.time())
+        except Busy as busy:
+            now = loop.time()
+            if busy.no_responders and now - start >= NO_JETSTREAM_GRACE:
+                raise JetStreamUnavailable(f"the stream of {subject!r}", "no JetStream") from None
+            if now + pause > deadline:
+                raise ReliableSetupError(subject, f"{busy} (tried for {timeout:g}s)") from None
+            log.debug("setting up %s: %s; trying again", subject, busy)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, MAX_RETRY_PAUSE * 4)
 
 
 def reason_header(text: str) -> str:

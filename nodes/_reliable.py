@@ -53,13 +53,14 @@ from mesh._reliable import (
     H_REASON,
     H_STREAM_SEQ,
     H_SUBJECT,
-    SETUP_TIMEOUT,
     ReliableStreams,
+    busy_when_unavailable,
     consumer_name,
     dlq_subject,
     reason_header,
     store,
     validate_msg_id,
+    while_busy,
 )
 from mesh._wire import Codec, decode_frame
 
@@ -195,34 +196,26 @@ class ReliableConsumer:
         )
 
     async def _bind(self, stream: str, config: api.ConsumerConfig) -> Any:
-        """Create or bind the durable consumer; JetStream busy (an election, other
-        instances binding at once) is tried again for up to SETUP_TIMEOUT seconds."""
+        """Create or bind the durable consumer, for up to SETUP_TIMEOUT seconds while
+        JetStream is busy (an election, other instances binding at once)."""
         js = self.runtime.client.nc.jetstream(timeout=10)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + SETUP_TIMEOUT
-        while True:
-            try:
-                return await js.pull_subscribe(
-                    self.subject, durable=self.durable, stream=stream, config=config
-                )
-            except nats.js.errors.ServiceUnavailableError as exc:
-                busy = exc.description or "JetStream is not available yet"
-            except nats.errors.TimeoutError:
-                busy = "JetStream did not answer in time"
-            except nats.errors.NoRespondersError:  # a server restarting: its stream exists
-                busy = "no JetStream server answered"
-            except nats.js.errors.APIError as exc:
-                raise ReliableSetupError(
-                    self.subject,
-                    f"{exc.description or exc} (a work-queue subject takes one consumer: is "
-                    "another agent handling it reliably?)",
-                ) from None
-            if loop.time() + RETRY_PAUSE > deadline:
-                raise ReliableSetupError(
-                    self.subject, f"{busy} (tried for {SETUP_TIMEOUT:g}s)"
-                ) from None
-            log.debug("binding the consumer of %s: %s; trying again", self.subject, busy)
-            await asyncio.sleep(RETRY_PAUSE)
+
+        async def attempt(_: float) -> Any:
+            with busy_when_unavailable():
+                try:
+                    return await js.pull_subscribe(
+                        self.subject, durable=self.durable, stream=stream, config=config
+                    )
+                except nats.js.errors.ServiceUnavailableError:
+                    raise
+                except nats.js.errors.APIError as exc:
+                    raise ReliableSetupError(
+                        self.subject,
+                        f"{exc.description or exc} (a work-queue subject takes one consumer: "
+                        "is another agent handling it reliably?)",
+                    ) from None
+
+        return await while_busy(self.subject, attempt)
 
     async def stop(self) -> None:
         """Stop pulling (the pull in progress finishes, and what it brought is handed
