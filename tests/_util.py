@@ -34,6 +34,25 @@ def wait_until(
     return True
 
 
+async def within(
+    condition: Callable[[], bool | Awaitable[bool]],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+) -> bool:
+    """Poll ``condition`` (sync or async) until it holds (True) or ``timeout`` seconds
+    pass (False)."""
+    give_up = time.monotonic() + timeout
+    while True:
+        held = condition()
+        if inspect.isawaitable(held):
+            held = await held
+        if held:
+            return True
+        if time.monotonic() > give_up:
+            return False
+        await asyncio.sleep(interval)
+
+
 async def eventually(
     condition: Callable[[], bool | Awaitable[bool]],
     timeout: float = 10.0,
@@ -41,16 +60,8 @@ async def eventually(
     message: str = "",
 ) -> None:
     """Poll ``condition`` (sync or async) until it holds; AssertionError after ``timeout``."""
-    give_up = time.monotonic() + timeout
-    while True:
-        held = condition()
-        if inspect.isawaitable(held):
-            held = await held
-        if held:
-            return
-        if time.monotonic() > give_up:
-            raise AssertionError(message or f"condition not met within {timeout}s")
-        await asyncio.sleep(interval)
+    if not await within(condition, timeout, interval):
+        raise AssertionError(message or f"condition not met within {timeout}s")
 
 
 async def retrying(

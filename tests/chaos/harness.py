@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Final
 
-from _util import eventually
+from _util import eventually, within
 from chaos_nodes import (
     CONCURRENCY_ENV,
     CONSUMER_ENV,
@@ -236,16 +236,6 @@ class DeliveryLog:
             return condition()
 
         return await within(polled, timeout, interval=0.1)
-
-
-async def within(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Poll ``condition`` until it holds (True) or ``timeout`` seconds pass (its last value)."""
-    give_up = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > give_up:
-            return condition()
-        await asyncio.sleep(interval)
-    return True
 
 
 Send = Callable[[str, bytes], Awaitable[Outcome]]

@@ -46,13 +46,12 @@ import contextlib
 import json
 import signal
 import sys
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from _util import arun, eventually
+from _util import arun, eventually, retrying, within
 from chaos_nodes import (
     EVENT_SUBJECT,
     RECORD_SUFFIX,
@@ -82,7 +81,6 @@ from harness import (
     Scenario,
     connection_names,
     kib,
-    within,
 )
 
 from mesh import MeshClient, NoResponders, PublishBufferFull, RemoteError, RequestTimeout
@@ -454,32 +452,30 @@ def test_sigterm_under_load(
 
 async def stream_leader(client: MeshClient) -> tuple[str, list[str]]:
     """The stream of the reliable tasks: its leader's name and its followers'."""
-    give_up = time.monotonic() + 30
-    while True:
-        try:
-            info = await client.nc.jsm(timeout=5).stream_info(stream_name(TASK_SUBJECT))
-        except Exception as exc:  # an election under way: ask again
-            info, seen = None, repr(exc)
-        cluster = info.cluster if info is not None else None
-        if cluster is not None and cluster.leader:
-            return cluster.leader, [peer.name for peer in cluster.replicas or []]
-        if time.monotonic() > give_up:
-            raise AssertionError(f"the tasks' stream has no leader: {info or seen}")
-        await asyncio.sleep(0.2)
+
+    async def ask() -> tuple[str, list[str]]:
+        info = await client.nc.jsm(timeout=5).stream_info(stream_name(TASK_SUBJECT))
+        cluster = info.cluster
+        if cluster is None or not cluster.leader:
+            raise LookupError(f"the tasks' stream has no leader: {info}")
+        return cluster.leader, [peer.name for peer in cluster.replicas or []]
+
+    return await retrying(ask, (Exception,), 30, interval=0.2)  # through an election
 
 
 async def workers_leader(client: MeshClient) -> str | None:
     """The server leading the workers' durable consumer (None if it cannot be told)."""
-    for _ in range(10):
-        try:
-            info = await client.nc.jsm(timeout=2).consumer_info(
-                stream_name(TASK_SUBJECT), consumer_name(WORKER)
-            )
-        except Exception:  # a member catching up, an election: ask again
-            await asyncio.sleep(0.5)
-            continue
+
+    async def ask() -> str | None:
+        info = await client.nc.jsm(timeout=2).consumer_info(
+            stream_name(TASK_SUBJECT), consumer_name(WORKER)
+        )
         return info.cluster.leader if info.cluster is not None else None
-    return None
+
+    try:  # a member catching up, an election: ask again
+        return await retrying(ask, (Exception,), 5, interval=0.5)
+    except Exception:
+        return None
 
 
 async def in_sync(client: MeshClient) -> bool:
@@ -496,16 +492,6 @@ async def in_sync(client: MeshClient) -> bool:
         and len(peers) == 2
         and all(peer.current and not peer.offline for peer in peers)
     )
-
-
-async def within_async(condition: Callable[[], Awaitable[bool]], timeout: float) -> int:
-    """1 when ``condition`` came true within ``timeout`` seconds, else 0."""
-    give_up = time.monotonic() + timeout
-    while not await condition():
-        if time.monotonic() > give_up:
-            return 0
-        await asyncio.sleep(0.2)
-    return 1
 
 
 def server_named(cluster: NatsCluster, name: str) -> NatsServer:
@@ -581,7 +567,9 @@ def test_kill_follower_then_leader(
                 # publishes still to come.
                 publisher.gate.clear()
                 await asyncio.to_thread(follower.start)
-                history.note("follower_caught_up", await within_async(lambda: in_sync(client), 60))
+                history.note(
+                    "follower_caught_up", int(await within(lambda: in_sync(client), 60, 0.2))
+                )
                 consumer_leader = await workers_leader(client)
                 history.note("consumer_leader_killed", int(consumer_leader == leader))
                 publisher.gate.set()
