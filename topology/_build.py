@@ -19,9 +19,6 @@ This is the hot path of ``mesh topology`` on large meshes, hence plain loops on 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from itertools import groupby
-from operator import itemgetter
-from typing import Final
 
 from topology._foreign import ForeignClient
 from topology._gc import gc_paused
@@ -62,6 +59,10 @@ def build_graph(
 _Parts = list[HistogramCounts] | None
 _Sent = list[tuple[SentStats, float, _Parts]]
 _Received = list[tuple[ReceivedStats, float, _Parts]]
+#: Edges are filed in nested dicts (subject, then agent; pattern, then queue and agent),
+#: so putting them in name order sorts names, never tuples of names.
+_SentEdges = dict[str, dict[str, _Sent]]
+_ReceivedEdges = dict[str, dict[tuple[str, str], _Received]]
 
 
 def _build(source: Window | Iterable[Snapshot], foreign: Iterable[ForeignClient]) -> Graph:
@@ -82,8 +83,8 @@ def _build(source: Window | Iterable[Snapshot], foreign: Iterable[ForeignClient]
     if seconds is None:
         seconds = (last_ns - first_ns) / 1e9 if first_ns is not None else 0.0
     instances: list[InstanceNode] = []
-    sent: dict[tuple[str, str], _Sent] = {}
-    received: dict[tuple[str, str, str], _Received] = {}
+    sent: _SentEdges = {}
+    received: _ReceivedEdges = {}
     for name in sorted(by_instance):
         seqs = by_instance[name]
         snaps = [seqs[seq] for seq in sorted(seqs)]
@@ -94,7 +95,7 @@ def _build(source: Window | Iterable[Snapshot], foreign: Iterable[ForeignClient]
             agents[inst.agent] = Agent()
         agents[inst.agent].instances.append(inst)
     publications, inbound, published = _publications(sent, agents)
-    talks: dict[tuple[str, str], Talk] = {}
+    talks: dict[str, dict[str, Talk]] = {}
     deliveries, outbound = _deliveries(received, agents, talks)
     clients = sorted({c.cid: c for c in foreign}.values(), key=lambda c: c.cid)
     subjects, reach = subject_nodes(inbound, outbound, clients)
@@ -116,8 +117,8 @@ def _build(source: Window | Iterable[Snapshot], foreign: Iterable[ForeignClient]
 def _file_instance(
     name: str,
     snaps: list[Snapshot],
-    sent: dict[tuple[str, str], _Sent],
-    received: dict[tuple[str, str, str], _Received],
+    sent: _SentEdges,
+    received: _ReceivedEdges,
 ) -> InstanceNode:
     """File one instance's stats under their edges; its node."""
     last = snaps[-1]
@@ -139,17 +140,20 @@ def _file_instance(
         pending = tuple([sum([r.pending for r in s.received]) for s in snaps])
     inv = 1e9 / interval_ns if interval_ns > 0 else 0.0
     for st, parts in out:
-        key = (st.subject, agent)
-        edge = sent.get(key)
-        if edge is None:
-            sent[key] = [(st, inv, parts)]
+        by_agent = sent.get(st.subject)
+        if by_agent is None:
+            sent[st.subject] = {agent: [(st, inv, parts)]}
+        elif (edge := by_agent.get(agent)) is None:
+            by_agent[agent] = [(st, inv, parts)]
         else:
             edge.append((st, inv, parts))
     for rs, parts in into:
-        rkey = (rs.subject, rs.queue, agent)
-        redge = received.get(rkey)
-        if redge is None:
-            received[rkey] = [(rs, inv, parts)]
+        by_sub = received.get(rs.subject)
+        key = (rs.queue, agent)
+        if by_sub is None:
+            received[rs.subject] = {key: [(rs, inv, parts)]}
+        elif (redge := by_sub.get(key)) is None:
+            by_sub[key] = [(rs, inv, parts)]
         else:
             redge.append((rs, inv, parts))
     return InstanceNode(
@@ -242,28 +246,25 @@ def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[Histog
     return summed
 
 
-#: An edge key's subject (or pattern): edges sorted by key come in runs per subject.
-_subject_of: Final = itemgetter(0)
-
-
 _Published = dict[tuple[str, str], tuple[Publication, Distribution | None]]
 
 
 def _publications(
-    sent: dict[tuple[str, str], _Sent], agents: dict[str, Agent]
+    sent: _SentEdges, agents: dict[str, Agent]
 ) -> tuple[tuple[Publication, ...], dict[str, Inbound], _Published]:
     """Publication edges by subject then agent, each subject's inbound side, and the
     edges with their round-trip distributions by (subject, agent)."""
     publications = []
     inbound: dict[str, Inbound] = {}
     published: _Published = {}
-    for subject, run in groupby(sorted(sent), key=_subject_of):
+    for subject in sorted(sent):
+        run = sent[subject]
         agents_of = []
         s_msgs = s_requests = s_failed = 0
         s_msgs_s = s_failed_s = s_raw_s = s_wire_s = 0.0
         s_dists = []
-        for key in run:
-            agent, group = key[1], sent[key]
+        for agent in sorted(run) if len(run) > 1 else run:
+            group = run[agent]
             msgs = requests = failed = 0
             msgs_s = failed_s = raw_s = wire_s = 0.0
             parts = []
@@ -297,7 +298,7 @@ def _publications(
                 latency=dist.latency if dist is not None else None,
             )
             publications.append(pub)
-            published[key] = (pub, dist)
+            published[subject, agent] = (pub, dist)
             agents_of.append(agent)
             s_msgs += msgs
             s_requests += requests
@@ -326,22 +327,23 @@ def _publications(
 
 
 def _deliveries(
-    received: dict[tuple[str, str, str], _Received],
+    received: _ReceivedEdges,
     agents: dict[str, Agent],
-    talks: dict[tuple[str, str], Talk],
+    talks: dict[str, dict[str, Talk]],
 ) -> tuple[tuple[Delivery, ...], dict[str, Outbound]]:
     """Delivery edges by pattern, queue and agent, each pattern's outbound side; adds
-    each subscription's senders to ``talks`` (sender, receiver)."""
+    each subscription's senders to ``talks`` (by sender, then receiver)."""
     deliveries = []
     outbound: dict[str, Outbound] = {}
-    for pattern, run in groupby(sorted(received), key=_subject_of):
+    for pattern in sorted(received):
+        run = received[pattern]
         subscribers = []
         s_dists = []
         o_msgs = o_handled = o_errors = o_timeouts = o_replies = o_dropped = 0
         o_failures = o_pending = 0
         o_msgs_s = o_errors_s = o_raw_s = o_wire_s = 0.0
-        for key in run:
-            queue, agent, group = key[1], key[2], received[key]
+        for key in sorted(run) if len(run) > 1 else run:
+            (queue, agent), group = key, run[key]
             if len(group) == 1:
                 rs = group[0][0]
                 senders, failures = rs.senders, rs.decode_failures
@@ -431,14 +433,18 @@ def _deliveries(
                 for sender, n in senders.items():
                     if sender.startswith(AGGREGATE_SENDER_PREFIX):
                         continue
-                    talk = talks.get((sender, agent))
+                    to = talks.get(sender)
+                    if to is None:
+                        to = talks[sender] = {}
+                    talk = to.get(agent)
                     if talk is None:
-                        talk = talks[sender, agent] = Talk()
+                        talk = to[agent] = Talk()
                     talk.msgs += n
                     talk.msgs_s += n * per_msg
                     talk.raw_s += n * raw_per_msg
                     talk.wire_s += n * wire_per_msg
-                    talk.patterns[pattern] = None
+                    if not talk.patterns or talk.patterns[-1] != pattern:
+                        talk.patterns.append(pattern)
         outbound[pattern] = Outbound(
             subscribers=tuple(subscribers),
             msgs=o_msgs,

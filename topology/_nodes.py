@@ -13,7 +13,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Final
 
 import msgspec
@@ -96,7 +96,9 @@ class Talk:
     def __init__(self) -> None:
         self.msgs = 0
         self.msgs_s = self.raw_s = self.wire_s = 0.0
-        self.patterns: dict[str, None] = {}
+        #: The receiver's patterns, in name order: deliveries are made pattern by pattern
+        #: in name order, so a pattern is appended once, after the ones before it.
+        self.patterns: list[str] = []
 
 
 def subject_nodes(
@@ -168,7 +170,7 @@ def subject_nodes(
 
 
 def links(
-    talks: dict[tuple[str, str], Talk],
+    talks: dict[str, dict[str, Talk]],
     published: dict[tuple[str, str], tuple[Publication, Distribution | None]],
     reach: dict[str, list[str]],
 ) -> tuple[Link, ...]:
@@ -180,11 +182,8 @@ def links(
     """
     requesters = {agent for (_, agent), (pub, _) in published.items() if pub.requests}
     result = []
-    # Keys are unique, so sorting the items compares keys only.
-    for (source, target), talk in sorted(talks.items()):
+    for source, target, talk in _by_name(talks):
         patterns = talk.patterns
-        if len(patterns) > 1:
-            patterns = dict.fromkeys(sorted(patterns))
         failed = 0
         dist = None
         if source in requesters:
@@ -213,6 +212,14 @@ def links(
             )
         )
     return tuple(result)
+
+
+def _by_name(talks: dict[str, dict[str, Talk]]) -> Iterator[tuple[str, str, Talk]]:
+    """The talks by source, then target."""
+    for source in sorted(talks):
+        to = talks[source]
+        for target in sorted(to) if len(to) > 1 else to:
+            yield source, target, to[target]
 
 
 def agent_nodes(agents: dict[str, Agent], talk_links: tuple[Link, ...]) -> tuple[AgentNode, ...]:
