@@ -7,18 +7,23 @@ import itertools
 from collections import Counter
 
 import msgspec
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topology import (
     HistogramCounts,
+    Latency,
     LatencyHistogram,
     ReceivedStats,
     SentStats,
     Snapshot,
+    Window,
     build_graph,
+    decode_snapshot,
 )
-from topology._sparse import Distribution
+from topology._histogram import BUCKETS, MAX_COUNT, MAX_NS, bucket_bounds, within_bounds
+from topology._sparse import Summaries
 
 S = 1_000_000_000
 T0 = 1_700_000_000 * S
@@ -35,36 +40,59 @@ def histogram(values: list[int]) -> LatencyHistogram:
 
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(latencies, max_size=30), min_size=1, max_size=6))
-def test_sparse_arithmetic_equals_latency_histogram(parts: list[list[int]]) -> None:
+def test_summaries_equal_latency_histogram(parts: list[list[int]]) -> None:
     merged = LatencyHistogram()
     for values in parts:
         merged.merge(histogram(values))
     counts = [histogram(values).to_counts() for values in parts]
-    dist = Distribution.combine(counts)
+    summaries = Summaries()
+    dist = summaries.combine(counts)
+    # Combining in levels (instances → edge → subject) is the same as all at once.
+    levels = [d for d in (summaries.combine(counts[:2]), summaries.combine(counts[2:])) if d]
+    nested = summaries.combine(levels)
+    summaries.summarise()
     if merged.count == 0:
         assert dist is None
+        assert nested is None
         return
     assert dist is not None
-    exact = merged.to_counts()
-    assert (dist.counts, dist.min, dist.max, dist.sum) == (
-        exact.counts,
-        exact.min,
-        exact.max,
-        exact.sum,
-    )
-    summary = dist.latency
-    assert summary is not None
-    assert (summary.count, summary.mean_ns, summary.max_ns) == (
-        merged.count,
-        merged.mean,
-        merged.max,
-    )
-    assert (summary.p50_ns, summary.p99_ns) == (merged.quantile(0.5), merged.quantile(0.99))
-    # Combining in levels (instances → edge → subject) is the same as all at once.
-    levels = [d for d in (Distribution.combine(counts[:2]), Distribution.combine(counts[2:])) if d]
-    nested = Distribution.combine(levels)
     assert nested is not None
-    assert nested.latency == summary
+    assert dist.latency == Latency(
+        count=merged.count,
+        mean_ns=merged.mean,
+        p50_ns=merged.quantile(0.5),
+        p99_ns=merged.quantile(0.99),
+        max_ns=merged.max,
+    )
+    assert nested.latency == dist.latency
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(
+        st.lists(st.lists(latencies, min_size=1, max_size=20), min_size=1, max_size=4),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_many_distributions_summarised_together_are_each_exact(
+    groups: list[list[list[int]]],
+) -> None:
+    # One pass summarises every distribution: none leaks into its neighbours.
+    summaries = Summaries()
+    made = []
+    for parts in groups:
+        dist = summaries.combine([histogram(values).to_counts() for values in parts])
+        assert dist is not None
+        made.append((dist, histogram([v for values in parts for v in values])))
+    summaries.summarise()
+    for dist, merged in made:
+        assert (dist.latency.count, dist.latency.p50_ns, dist.latency.p99_ns) == (
+            merged.count,
+            merged.quantile(0.5),
+            merged.quantile(0.99),
+        )
+        assert (dist.latency.mean_ns, dist.latency.max_ns) == (merged.mean, merged.max)
 
 
 # One instance's traffic, event by event.
@@ -191,11 +219,95 @@ def test_split_stream_gives_the_same_graph_as_the_whole(
         assert (x.instance, x.seconds, x.pending[-1]) == (y.instance, y.seconds, y.pending[-1])
 
 
-def test_a_single_part_is_shared_not_copied() -> None:
+def test_a_single_distribution_is_shared_and_empty_parts_count_for_nothing() -> None:
+    summaries = Summaries()
     part = histogram([5, 7]).to_counts()
-    dist = Distribution.combine([part])
+    dist = summaries.combine([part])
     assert dist is not None
-    assert dist.counts is part.counts
-    assert Distribution.combine([dist]) is dist
-    assert Distribution.combine([HistogramCounts(counts={}), part]) is not None
-    assert Distribution.combine([HistogramCounts(counts={})]) is None
+    assert summaries.combine([dist]) is dist
+    assert summaries.combine([HistogramCounts(counts={}), part]) is not None
+    assert summaries.combine([HistogramCounts(counts={})]) is None
+    # Buckets that hold nothing are no values: no min or max to report.
+    assert summaries.combine([HistogramCounts(counts={3: 0}, min=3, max=3)]) is None
+    summaries.summarise()
+    assert dist.latency == Latency(count=2, mean_ns=6.0, p50_ns=5, p99_ns=7, max_ns=7)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.dictionaries(st.integers(0, BUCKETS - 1), st.integers(0, 50), min_size=1, max_size=40),
+    st.dictionaries(st.integers(0, BUCKETS - 1), st.integers(0, 50), max_size=40),
+)
+def test_buckets_holding_zero_change_nothing(a: dict[int, int], b: dict[int, int]) -> None:
+    # A node never sends a zero count, but a snapshot may hold one: it must not move a
+    # quantile. The extremes are the outermost buckets' bounds.
+    parts = []
+    merged = LatencyHistogram()
+    for counts in (a, b):
+        held = [i for i, n in counts.items() if n]
+        if not held:
+            continue
+        lo, hi = bucket_bounds(min(held))[0], sum(bucket_bounds(max(held))) - 1
+        part = HistogramCounts(counts=counts, min=lo, max=hi, sum=lo + hi)
+        parts.append(part)
+        merged.merge(LatencyHistogram.from_counts(part))
+    summaries = Summaries()
+    dist = summaries.combine(parts)
+    summaries.summarise()
+    if merged.count == 0:
+        assert dist is None
+        return
+    assert dist is not None
+    assert (dist.latency.count, dist.latency.p50_ns, dist.latency.p99_ns) == (
+        merged.count,
+        merged.quantile(0.5),
+        merged.quantile(0.99),
+    )
+
+
+def test_sums_beyond_64_bits_are_exact() -> None:
+    big = HistogramCounts(counts={2047: 4}, min=MAX_NS, max=MAX_NS, sum=MAX_NS)
+    summaries = Summaries()
+    dist = summaries.combine([big, big, big])
+    assert dist is not None
+    summaries.summarise()
+    assert dist.latency.mean_ns == 3 * MAX_NS / 12
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        HistogramCounts(counts={BUCKETS: 1}),
+        HistogramCounts(counts={-1: 1}),
+        HistogramCounts(counts={5: MAX_COUNT + 1}),
+        HistogramCounts(counts={5: 1}, min=-1),
+        HistogramCounts(counts={5: 1}, sum=1 << 63),
+    ],
+    ids=[
+        "bucket-too-high",
+        "negative-bucket",
+        "count-too-large",
+        "negative-min",
+        "sum-above-63-bits",
+    ],
+)
+def test_a_histogram_out_of_bounds_is_a_clear_error_and_a_window_refuses_it(
+    bad: HistogramCounts,
+) -> None:
+    assert not within_bounds(bad)
+    snapshot = Snapshot(
+        instance="a-1",
+        agent="a",
+        seq=0,
+        time=T0,
+        interval=S,
+        sent=[SentStats(subject="svc.x", msgs=1, requests=1, latency=bad)],
+    )
+    with pytest.raises(ValueError, match="histogram"):
+        build_graph([snapshot])
+    window = Window()
+    assert not window.add(snapshot)
+    assert window.stats.invalid == 1
+    # Decoding refuses the same values.
+    with pytest.raises(msgspec.ValidationError):
+        decode_snapshot(msgspec.msgpack.encode(snapshot))

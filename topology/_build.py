@@ -6,12 +6,12 @@ gauges from the last one, histograms kept as parts to combine; see :func:`sum_se
 parts give the same graph; each of its stats is filed under its edge, with the
 instance's rate factor (1 / the sum of its snapshots' intervals).
 
-Then, edge by edge in name order: an edge's counts and rates are summed over its
-instances, and because edges are sorted by subject first, each subject's publishers and
-subscriptions come in runs, summed as they pass. Latency distributions are combined
-once per level (instances → edge → subject or agent), a lone part shared rather than
-copied (:class:`Distribution`). Subject nodes, wildcard matching and agent-to-agent
-links are in :mod:`topology._nodes`.
+Then, edge by edge in name order (edges are filed by subject, then agent, so each
+subject's publishers and subscriptions come together and are summed as they pass): an
+edge's counts and rates are summed over its instances. Latency distributions are
+declared per level (instances → edge → subject, agent or link; a lone part is shared,
+not copied) and all summarised at the end in one pass (:class:`Summaries`). Subject
+nodes, wildcard matching and agent-to-agent links are in :mod:`topology._nodes`.
 
 This is the hot path of ``mesh topology`` on large meshes, hence plain loops on locals.
 """
@@ -35,7 +35,7 @@ from topology._nodes import (
     subject_nodes,
 )
 from topology._snapshot import ReceivedStats, SentStats, Snapshot
-from topology._sparse import Distribution, check_layout
+from topology._sparse import Distribution, Summaries, check_layout
 from topology._window import Window
 
 __all__ = ["build_graph", "sum_received", "sum_sent"]
@@ -94,18 +94,21 @@ def _build(source: Window | Iterable[Snapshot], foreign: Iterable[ForeignClient]
         if inst.agent not in agents:
             agents[inst.agent] = Agent()
         agents[inst.agent].instances.append(inst)
-    publications, inbound, published = _publications(sent, agents)
+    summaries = Summaries()
+    publications, inbound, published = _publications(sent, agents, summaries)
     talks: dict[str, dict[str, Talk]] = {}
-    deliveries, outbound = _deliveries(received, agents, talks)
+    deliveries, outbound = _deliveries(received, agents, talks, summaries)
     clients = sorted({c.cid: c for c in foreign}.values(), key=lambda c: c.cid)
     subjects, reach = subject_nodes(inbound, outbound, clients)
-    talk_links = links(talks, published, reach)
+    talk_links = links(talks, published, reach, summaries)
+    agent_list = agent_nodes(agents, talk_links, summaries)
+    summaries.summarise()
     return Graph(
         seconds=seconds,
         snapshots=sum([i.snapshots for i in instances]),
         lost=sum([i.lost for i in instances]),
         instances=tuple(instances),
-        agents=agent_nodes(agents, talk_links),
+        agents=agent_list,
         subjects=subjects,
         publications=publications,
         deliveries=deliveries,
@@ -250,7 +253,7 @@ _Published = dict[tuple[str, str], tuple[Publication, Distribution | None]]
 
 
 def _publications(
-    sent: _SentEdges, agents: dict[str, Agent]
+    sent: _SentEdges, agents: dict[str, Agent], summaries: Summaries
 ) -> tuple[tuple[Publication, ...], dict[str, Inbound], _Published]:
     """Publication edges by subject then agent, each subject's inbound side, and the
     edges with their round-trip distributions by (subject, agent)."""
@@ -283,7 +286,7 @@ def _publications(
                     if latency.sub_bits != SUB_BITS:
                         check_layout(latency, f"agent {agent!r}, subject {subject!r}")
                     parts.append(latency)
-            dist = Distribution.combine(parts) if parts else None
+            dist = summaries.combine(parts) if parts else None
             pub = Publication(
                 agent=agent,
                 subject=subject,
@@ -321,7 +324,7 @@ def _publications(
             failed_s=s_failed_s,
             raw_s=s_raw_s,
             wire_s=s_wire_s,
-            dist=Distribution.combine(s_dists),
+            dist=summaries.combine(s_dists),
         )
     return tuple(publications), inbound, published
 
@@ -330,6 +333,7 @@ def _deliveries(
     received: _ReceivedEdges,
     agents: dict[str, Agent],
     talks: dict[str, dict[str, Talk]],
+    summaries: Summaries,
 ) -> tuple[tuple[Delivery, ...], dict[str, Outbound]]:
     """Delivery edges by pattern, queue and agent, each pattern's outbound side; adds
     each subscription's senders to ``talks`` (by sender, then receiver)."""
@@ -377,7 +381,7 @@ def _deliveries(
                     if latency.sub_bits != SUB_BITS:
                         check_layout(latency, f"agent {agent!r}, subscription {pattern!r}")
                     parts.append(latency)
-            dist = Distribution.combine(parts) if parts else None
+            dist = summaries.combine(parts) if parts else None
             deliveries.append(
                 Delivery(
                     subject=pattern,
@@ -459,6 +463,6 @@ def _deliveries(
             errors_s=o_errors_s,
             raw_s=o_raw_s,
             wire_s=o_wire_s,
-            dist=Distribution.combine(s_dists),
+            dist=summaries.combine(s_dists),
         )
     return tuple(deliveries), outbound

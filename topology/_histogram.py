@@ -24,12 +24,15 @@ import msgspec
 __all__ = [
     "BUCKETS",
     "HIGHEST_TRACKABLE_NS",
+    "MAX_COUNT",
+    "MAX_NS",
     "RELATIVE_ERROR",
     "SUB_BITS",
     "HistogramCounts",
     "LatencyHistogram",
     "bucket_bounds",
     "bucket_index",
+    "within_bounds",
 ]
 
 #: log2 of the number of linear sub-buckets in each power-of-two range.
@@ -45,8 +48,16 @@ BUCKETS: Final = (HIGHEST_TRACKABLE_NS.bit_length() - _LINEAR_BITS + 2) << SUB_B
 RELATIVE_ERROR: Final = 1 / (2 * _SUB)
 
 
+#: Largest count one bucket of a snapshot's histogram may hold: far above what one
+#: interval records, low enough that adding up every bucket of a window stays exact in
+#: 64-bit integers (see :mod:`topology._vector`).
+MAX_COUNT: Final = (1 << 32) - 1
+#: Largest min, max or sum (ns) a snapshot's histogram may hold: 63 bits, 292 years.
+MAX_NS: Final = (1 << 63) - 1
+
 _Index = Annotated[int, msgspec.Meta(ge=0, lt=BUCKETS)]
-_Count = Annotated[int, msgspec.Meta(ge=0)]
+_Count = Annotated[int, msgspec.Meta(ge=0, le=MAX_COUNT)]
+_Ns = Annotated[int, msgspec.Meta(ge=0, le=MAX_NS)]
 
 
 class HistogramCounts(msgspec.Struct, frozen=True, kw_only=True):
@@ -54,16 +65,33 @@ class HistogramCounts(msgspec.Struct, frozen=True, kw_only=True):
 
     ``counts`` maps bucket index to count (only non-zero buckets). ``sub_bits`` names the
     bucket layout, so a receiver with another layout rejects the data instead of
-    misreading it. Decoding refuses indexes outside the layout, negative counts and
-    more than :data:`BUCKETS` entries (a hostile snapshot cannot make a huge dict).
+    misreading it. Decoding refuses indexes outside the layout, counts outside
+    0..:data:`MAX_COUNT`, a min, max or sum outside 0..:data:`MAX_NS`, and more than
+    :data:`BUCKETS` entries (a hostile snapshot cannot make a huge dict).
     """
 
     counts: Annotated[dict[_Index, _Count], msgspec.Meta(max_length=BUCKETS)]
-    min: int = 0
-    max: int = 0
-    sum: int = 0
+    min: _Ns = 0
+    max: _Ns = 0
+    sum: _Ns = 0
     overflows: int = 0
     sub_bits: int = SUB_BITS
+
+
+def within_bounds(hist: HistogramCounts) -> bool:
+    """Whether ``hist`` is of this layout and within the bounds decoding enforces (a
+    histogram made in Python is not checked when it is made)."""
+    if hist.sub_bits != SUB_BITS or not min(hist.min, hist.max, hist.sum) >= 0:
+        return False
+    if max(hist.min, hist.max, hist.sum) > MAX_NS:
+        return False
+    counts = hist.counts
+    return not counts or (
+        min(counts) >= 0
+        and max(counts) < BUCKETS
+        and min(counts.values()) >= 0
+        and max(counts.values()) <= MAX_COUNT
+    )
 
 
 def bucket_index(ns: int) -> int:

@@ -21,7 +21,7 @@ import msgspec
 from topology._foreign import ForeignClient
 from topology._graph import AgentNode, InstanceNode, Link, Publication, SubjectNode, Subscriber
 from topology._match import PatternIndex, is_wildcard, overlaps
-from topology._sparse import Distribution
+from topology._sparse import Distribution, Summaries
 
 __all__ = [
     "AGGREGATE_SENDER_PREFIX",
@@ -173,6 +173,7 @@ def links(
     talks: dict[str, dict[str, Talk]],
     published: dict[tuple[str, str], tuple[Publication, Distribution | None]],
     reach: dict[str, list[str]],
+    summaries: Summaries,
 ) -> tuple[Link, ...]:
     """Agent-to-agent links by source then target.
 
@@ -197,7 +198,7 @@ def links(
                         failed += edge[0].failed
                         if edge[1] is not None:
                             dists.append(edge[1])
-            dist = Distribution.combine(dists)
+            dist = summaries.combine(dists)
         result.append(
             Link(
                 source=source,
@@ -222,7 +223,9 @@ def _by_name(talks: dict[str, dict[str, Talk]]) -> Iterator[tuple[str, str, Talk
             yield source, target, to[target]
 
 
-def agent_nodes(agents: dict[str, Agent], talk_links: tuple[Link, ...]) -> tuple[AgentNode, ...]:
+def agent_nodes(
+    agents: dict[str, Agent], talk_links: tuple[Link, ...], summaries: Summaries
+) -> tuple[AgentNode, ...]:
     """Agent nodes by name: the agents with instances, and external senders."""
     external = Agent()
     for link in talk_links:
@@ -232,7 +235,7 @@ def agent_nodes(agents: dict[str, Agent], talk_links: tuple[Link, ...]) -> tuple
     for name in sorted(agents):
         a = agents[name]
         insts = a.instances
-        service = Distribution.combine(a.dists)
+        service = summaries.combine(a.dists)
         nodes.append(
             AgentNode(
                 name=name,

@@ -13,7 +13,7 @@ from typing import Final
 
 import msgspec
 
-from topology._histogram import SUB_BITS
+from topology._histogram import within_bounds
 from topology._snapshot import Snapshot
 
 __all__ = ["Window", "WindowStats"]
@@ -196,9 +196,9 @@ def _valid(snapshot: Snapshot) -> bool:
     if snapshot.interval < 0 or snapshot.seq < 0:
         return False
     for sent in snapshot.sent:
-        if sent.latency is not None and sent.latency.sub_bits != SUB_BITS:
+        if sent.latency is not None and not within_bounds(sent.latency):
             return False
     for received in snapshot.received:
-        if received.latency is not None and received.latency.sub_bits != SUB_BITS:
+        if received.latency is not None and not within_bounds(received.latency):
             return False
     return True
