@@ -73,6 +73,7 @@ class Subscription:
     __slots__ = (
         "_on_close",
         "_sub",
+        "backlog",
         "counters",
         "dropped",
         "internal",
@@ -88,6 +89,9 @@ class Subscription:
         self.internal = internal
         self.received = 0
         self.dropped = 0
+        #: Messages the server holds for this subscription, not yet delivered (a reliable
+        #: handler's JetStream consumer sets it; a core subscription has none).
+        self.backlog = 0
         #: This interval's telemetry counts (swapped by the telemetry emitter).
         self.counters = ReceivedCounters()
         self._sub: NatsSubscription | None = None

@@ -166,6 +166,7 @@ class ReceivedCounters:
             dropped=self.dropped,
             pending=sub.pending,
             inflight=inflight,
+            backlog=sub.backlog,
         )
 
 

@@ -245,6 +245,8 @@ class ReliableConsumer:
             try:
                 msgs = await self._psub.fetch(batch, timeout=FETCH_WAIT)
             except nats.errors.TimeoutError:
+                if self.subscription.backlog:
+                    await self._refresh_backlog()
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
                 return
@@ -257,6 +259,8 @@ class ReliableConsumer:
                 continue
             failures = 0
             fetched = loop.time()  # JetStream's ack wait runs from (about) now
+            if msgs:
+                self.subscription.backlog = _backlog(msgs[-1].reply)
             for jsmsg in msgs:
                 await slots.acquire()
                 if self._stopping:
@@ -266,6 +270,17 @@ class ReliableConsumer:
                 task = loop.create_task(self._process(jsmsg, fetched))
                 runtime._tasks.add(task)
                 task.add_done_callback(runtime._tasks.discard)
+
+    async def _refresh_backlog(self) -> None:
+        """Ask the consumer how many messages it holds: a pull that got nothing means
+        none are left, unless the consumer is at its limit of unacknowledged ones (then
+        many may be). Asked only while the last delivery said some were left."""
+        try:
+            info = await self._psub.consumer_info()
+        except Exception as exc:  # no leader, disconnected: the last figure stands
+            log.debug("consumer info for %s: %s", self.subject, exc)
+            return
+        self.subscription.backlog = info.num_pending or 0
 
     async def _process(self, jsmsg: Msg, delivered: float) -> None:
         """Run one message, delivered at loop time ``delivered``, through the handler
@@ -500,14 +515,25 @@ class ReliableConsumer:
             log.debug("could not settle a reliable message: %s", exc)
 
 
-def _deliveries(reply: str) -> int:
-    """The delivery count in a JetStream ack subject (``Msg.metadata`` parses every
-    field, timestamp included: ten times the cost, on every message)."""
+def _ack_number(reply: str, v1: int, v2: int, default: int) -> int:
+    """A number in a JetStream ack subject: token ``v1`` of the 9-token form, ``v2`` of
+    the longer one (``Msg.metadata`` parses every field, timestamp included: ten times
+    the cost, on every message)."""
     tokens = reply.split(".")
     try:
-        return int(tokens[4] if len(tokens) == _V1_ACK_TOKENS else tokens[Msg.Ack.NumDelivered])
+        return int(tokens[v1] if len(tokens) == _V1_ACK_TOKENS else tokens[v2])
     except (IndexError, ValueError):
-        return 1
+        return default
+
+
+def _deliveries(reply: str) -> int:
+    """How many times this message has been delivered, this time included."""
+    return _ack_number(reply, 4, Msg.Ack.NumDelivered, 1)
+
+
+def _backlog(reply: str) -> int:
+    """How many messages the consumer still held, undelivered, after this one."""
+    return _ack_number(reply, 8, Msg.Ack.NumPending, 0)
 
 
 class _MaxDeliveries(msgspec.Struct, frozen=True):

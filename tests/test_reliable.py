@@ -421,3 +421,68 @@ def test_a_redelivery_to_another_instance_asks_the_one_that_handled_it(nats_url:
             assert handled == [("a", 7)]
 
     arun(main(), timeout=90)
+
+
+def test_a_reliable_handlers_backlog_is_in_its_telemetry(nats_url: str) -> None:
+    """The messages its JetStream consumer still holds reach telemetry as ``backlog``
+    (the node itself holds at most what it pulled), and fall back to 0 when another
+    instance drained them, though this one's last delivery said some were left."""
+    from test_telemetry import collect
+
+    from topology import Snapshot, build_graph
+
+    handled: list[str] = []
+
+    def instance(label: str, delay: float, concurrency: int) -> Node:
+        node = Node("worker", handler_timeout=5, max_concurrency=concurrency)
+
+        @node.handles("work.tasks", reliable=True, backoff=FAST)
+        async def handle(task: Task) -> None:
+            await asyncio.sleep(delay)
+            handled.append(label)
+
+        return node
+
+    def backlogs(snaps: list[Snapshot], instance: str) -> list[int]:
+        return [
+            rs.backlog
+            for snap in snaps
+            if snap.instance == instance
+            for rs in snap.received
+            if rs.subject == "work.tasks"
+        ]
+
+    async def main() -> None:
+        snaps: list[Snapshot] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="watcher") as watcher,
+            await MeshClient.connect(nats_url, name="w1") as first,
+            await MeshClient.connect(nats_url, name="w2") as second,
+        ):
+            await collect(watcher, snaps)
+            slow = NodeRuntime(
+                instance("slow", 0.3, 1), first, register=False, telemetry_interval=0.2
+            )
+            async with slow:
+                for n in range(60):
+                    await producer.publish("work.tasks", Task(n), reliable=True)
+                await eventually(lambda: max(backlogs(snaps, slow.instance), default=0) >= 40, 10)
+                fast = NodeRuntime(
+                    instance("fast", 0.0, 64), second, register=False, telemetry_interval=0.2
+                )
+                async with fast:
+                    await eventually(lambda: len(handled) == 60, timeout=20)
+                    # Both instances end at 0: the slow one asks the consumer once its
+                    # pulls come back empty.
+                    await eventually(
+                        lambda: all(backlogs(snaps, x.instance)[-1:] == [0] for x in (slow, fast)),
+                        timeout=10,
+                    )
+            assert "fast" in handled
+            peak = max(backlogs(snaps, slow.instance))
+            graph = build_graph(snaps)
+            (inst,) = [i for i in graph.instances if i.instance == slow.instance]
+            assert max(inst.backlog) == peak
+
+    arun(main(), timeout=90)

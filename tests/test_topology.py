@@ -249,6 +249,41 @@ def test_pending_growth(series: tuple[int, ...], grows: bool) -> None:
     assert [b.agent for b in r.bottlenecks] == (["q"] if grows else [])
 
 
+def test_a_reliable_backlog_is_shared_by_its_instances_and_growing_is_a_bottleneck() -> None:
+    # Two instances of a queue group pull from one JetStream consumer: each reports the
+    # backlog it last saw. The delivery holds the highest; the agent the backlog once.
+    series = {"q-0": (10, 40, 90), "q-1": (12, 45, 80)}
+    snaps = [
+        snap(
+            name,
+            seq=i,
+            received=[
+                handled("svc.q", 1, MS, queue="q", backlog=b),
+                handled("evt.q", 1, MS, queue="q", backlog=3),
+            ],
+        )
+        for name, values in series.items()
+        for i, b in enumerate(values)
+    ]
+    graph = build_graph(snaps)
+    (delivery,) = [d for d in graph.deliveries if d.subject == "svc.q"]
+    assert delivery.backlog == 90
+    assert [i.backlog for i in graph.instances] == [(13, 43, 93), (15, 48, 83)]
+    r = analyse(graph)
+    q = agent(r, "q")
+    assert (q.backlog, q.backlog_growing, q.pending_growing) == (93, True, False)
+    # Reported once: the instance whose backlog grew most.
+    assert q.reason == "backlog 13→93 over 3 snapshots on q-0"
+    assert [(b.agent, b.backlog) for b in r.bottlenecks] == [("q", 93)]
+    assert re.search(r"^q\s.*\s93↑\s+BOTTLE$", render_text(r), re.MULTILINE)
+    # A backlog that falls is no bottleneck.
+    falling = [
+        snap("q-0", seq=i, received=[handled("s", 1, MS, backlog=b)])
+        for i, b in enumerate((90, 40, 10))
+    ]
+    assert not analyse(build_graph(falling)).bottlenecks
+
+
 def test_thresholds_are_parameters() -> None:
     snaps = [
         snap("q-0", seq=i, received=[handled("s", 1, MS, pending=p)])

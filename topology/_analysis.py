@@ -46,8 +46,13 @@ def analyse(graph: Graph, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Report
     ``Thresholds.pending_samples`` values, never decreases from one to the next, and its
     last value is at least ``Thresholds.pending_growth`` above its first.
 
-    A **bottleneck** is an agent with utilisation above ``Thresholds.utilisation`` or an
-    instance whose pending grows.
+    The **backlog grows** on an instance by the same rule, applied to the messages the
+    server holds for its reliable subscriptions (their JetStream consumers), which its
+    node never sees as pending: it pulls only what it can run.
+
+    A **bottleneck** is an agent with utilisation above ``Thresholds.utilisation``, an
+    instance whose pending grows, or one whose backlog grows (reported once per agent:
+    the instances of a queue group share a backlog).
 
     A **single point of failure** is a subject with at least one subscriber where every
     group receiving it has exactly one instance. A group is a queue group (pattern, queue)
@@ -114,7 +119,13 @@ def _analyse(graph: Graph, thresholds: Thresholds) -> Report:
     failures.sort(key=lambda f: (-f.count, f.sender, f.subject, f.agent))
     bottlenecks = sorted(
         (
-            Bottleneck(agent=a.name, utilisation=a.utilisation, pending=a.pending, reason=a.reason)
+            Bottleneck(
+                agent=a.name,
+                utilisation=a.utilisation,
+                pending=a.pending,
+                backlog=a.backlog,
+                reason=a.reason,
+            )
             for a in agents
             if a.bottleneck
         ),
@@ -162,6 +173,7 @@ def _agents(graph: Graph, thresholds: Thresholds) -> list[AgentReport]:
         if utilisation > thresholds.utilisation:
             reasons.append(f"utilisation {utilisation:.2f} > {thresholds.utilisation:.2f}")
         growing = False
+        backlogs = []
         for inst in by_agent.get(agent.name, ()):
             if pending_grows(inst.pending, thresholds):
                 growing = True
@@ -170,6 +182,13 @@ def _agents(graph: Graph, thresholds: Thresholds) -> list[AgentReport]:
                     f"pending {series[0]}→{series[-1]} over {len(series)} snapshots"
                     f" on {inst.instance}"
                 )
+            if pending_grows(inst.backlog, thresholds):
+                backlogs.append((inst.backlog[0] - inst.backlog[-1], inst.instance, inst.backlog))
+        if backlogs:
+            _, name, series = min(backlogs)  # the largest growth
+            reasons.append(
+                f"backlog {series[0]}→{series[-1]} over {len(series)} snapshots on {name}"
+            )
         reports.append(
             AgentReport(
                 name=agent.name,
@@ -185,6 +204,8 @@ def _agents(graph: Graph, thresholds: Thresholds) -> list[AgentReport]:
                 utilisation=utilisation,
                 pending=agent.pending,
                 pending_growing=growing,
+                backlog=agent.backlog,
+                backlog_growing=bool(backlogs),
                 bottleneck=bool(reasons),
                 reason="; ".join(reasons),
                 untracked=agent.untracked,

@@ -134,6 +134,7 @@ def _file_instance(
         into = [(rs, None) for rs in last.received]
         untracked, rejected = last.untracked, last.policy_rejected
         pending: tuple[int, ...] = (sum([r.pending for r in last.received]),)
+        backlog: tuple[int, ...] = (sum([r.backlog for r in last.received]),)
     else:
         interval_ns = sum([s.interval for s in snaps])
         cpu = sum([s.cpu for s in snaps])
@@ -141,6 +142,7 @@ def _file_instance(
         untracked = sum([s.untracked for s in snaps])
         rejected = sum([s.policy_rejected for s in snaps])
         pending = tuple([sum([r.pending for r in s.received]) for s in snaps])
+        backlog = tuple([sum([r.backlog for r in s.received]) for s in snaps])
     inv = 1e9 / interval_ns if interval_ns > 0 else 0.0
     for st, parts in out:
         by_agent = sent.get(st.subject)
@@ -169,6 +171,7 @@ def _file_instance(
         rss=last.rss,
         max_concurrency=last.max_concurrency,
         pending=pending,
+        backlog=backlog,
         inflight=sum([r.inflight for r in last.received]),
         untracked=untracked,
         policy_rejected=rejected,
@@ -215,7 +218,7 @@ def sum_sent(snaps: list[Snapshot]) -> list[tuple[SentStats, list[HistogramCount
 
 def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[HistogramCounts]]]:
     """One instance's inbound stats over several snapshots, per subscription, like
-    :func:`sum_sent`; gauges (pending, inflight) are the last snapshot's."""
+    :func:`sum_sent`; gauges (pending, inflight, backlog) are the last snapshot's."""
     groups: dict[tuple[str, str], list[ReceivedStats]] = {}
     for snap in snaps:
         for rs in snap.received:
@@ -243,6 +246,7 @@ def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[Histog
             dropped=sum([rs.dropped for rs in group]),
             pending=group[-1].pending,
             inflight=group[-1].inflight,
+            backlog=group[-1].backlog,
         )
         where = f"instance {snaps[0].instance!r}, subscription {subject!r}"
         summed.append((stats, _histograms(group, where)))
@@ -357,6 +361,7 @@ def _deliveries(
                     _add_counts(senders, rs.senders)
                     _add_counts(failures, rs.decode_failures)
             msgs = handled = errors = timeouts = replies = dropped = pending = inflight = 0
+            backlog = 0
             msgs_s = handled_s = errors_s = raw_s = wire_s = reply_s = 0.0
             parts = []
             for rs, inv, more in group:
@@ -368,6 +373,8 @@ def _deliveries(
                 dropped += rs.dropped
                 pending += rs.pending
                 inflight += rs.inflight
+                if rs.backlog > backlog:  # the instances share it: each saw it at a moment
+                    backlog = rs.backlog
                 msgs_s += rs.msgs * inv
                 handled_s += rs.handled * inv
                 errors_s += rs.errors * inv
@@ -404,6 +411,7 @@ def _deliveries(
                     decode_failures=failures,
                     pending=pending,
                     inflight=inflight,
+                    backlog=backlog,
                     latency=dist.latency if dist is not None else None,
                 )
             )
@@ -427,6 +435,7 @@ def _deliveries(
             a.received_s += msgs_s
             a.handled_s += handled_s
             a.sent_wire_s += reply_s
+            a.backlog += backlog
             if dist is not None:
                 s_dists.append(dist)
                 a.dists.append(dist)

@@ -10,7 +10,8 @@ it received; a sender that publishes no snapshots (the CLI, a plain NATS client,
 
 Counts are exact sums over the window; rates are per second (an instance's counts over
 the sum of its snapshots' intervals, summed over instances); gauges (pending, inflight,
-rss) are each instance's last value, summed. Latencies are summaries (:class:`Latency`)
+rss) are each instance's last value, summed, except a subscription's ``backlog``, which
+its instances share (the highest they reported). Latencies are summaries (:class:`Latency`)
 of the exact bucket-wise merge of the instances' histograms.
 
 The three edge kinds are tagged (``kind``: ``publish``, ``deliver``, ``talk``) so a report
@@ -52,6 +53,9 @@ class InstanceNode(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     max_concurrency: int
     #: Messages waiting for a handler, summed over subscriptions, per snapshot in seq order.
     pending: tuple[int, ...]
+    #: Messages the server held for its reliable subscriptions, summed over them, per
+    #: snapshot in seq order.
+    backlog: tuple[int, ...]
     inflight: int
     untracked: int
     policy_rejected: int
@@ -104,6 +108,9 @@ class Delivery(
     decode_failures: dict[str, int]
     pending: int
     inflight: int
+    #: Messages the server held for the subscription, not yet delivered (a reliable
+    #: subscription's JetStream consumer; the highest its instances reported).
+    backlog: int
     #: Handler service times.
     latency: Latency | None
 
@@ -149,6 +156,8 @@ class AgentNode(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     #: Handler service times over all its subscriptions.
     service: Latency | None
     pending: int
+    #: Messages the server held for its reliable subscriptions.
+    backlog: int
     untracked: int
     policy_rejected: int
 

@@ -79,11 +79,21 @@ _NO_OUTBOUND: Final = Outbound()
 class Agent:
     """An agent's totals, summed while the edges are made."""
 
-    __slots__ = ("dists", "handled_s", "instances", "received_s", "sent_s", "sent_wire_s")
+    __slots__ = (
+        "backlog",
+        "dists",
+        "handled_s",
+        "instances",
+        "received_s",
+        "sent_s",
+        "sent_wire_s",
+    )
 
     def __init__(self) -> None:
         self.instances: list[InstanceNode] = []
         self.received_s = self.handled_s = self.sent_s = self.sent_wire_s = 0.0
+        #: Messages the server holds for its reliable subscriptions.
+        self.backlog = 0
         #: Handler time distributions of its subscriptions.
         self.dists: list[Distribution] = []
 
@@ -250,6 +260,7 @@ def agent_nodes(
                 sent_wire_bytes_per_s=a.sent_wire_s,
                 service=service.latency if service is not None else None,
                 pending=sum([i.pending[-1] for i in insts]),
+                backlog=a.backlog,
                 untracked=sum([i.untracked for i in insts]),
                 policy_rejected=sum([i.policy_rejected for i in insts]),
             )

@@ -113,7 +113,7 @@ def render_text(report: Report, *, max_rows: int = MAX_ROWS) -> str:
     ]
     agents = sorted(report.agents, key=lambda a: (-a.utilisation, -a.arrival_per_s, a.name))
     out += _table(
-        ("AGENT", "inst", "cpu", "rss", "in msg/s", "svc p50", "svc p99", "util", "pend", ""),
+        ("AGENT", "inst", "cpu", "rss", "in msg/s", "svc p50", "svc p99", "util", "wait", ""),
         (_NAME, 4, 5, 9, 8, 8, 8, 5, 6, 6),
         (_agent_row(a) for a in agents[:max_rows]),
         text_last=True,
@@ -148,7 +148,7 @@ def _agent_row(a: AgentReport) -> list[str]:
         _p(a.service, "p50"),
         _p(a.service, "p99"),
         f"{a.utilisation:.2f}",
-        str(a.pending) + ("↑" if a.pending_growing else ""),
+        str(a.pending + a.backlog) + ("↑" if a.pending_growing or a.backlog_growing else ""),
         "BOTTLE" if a.bottleneck else "",
     ]
 

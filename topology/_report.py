@@ -45,7 +45,8 @@ class Thresholds(msgspec.Struct, frozen=True, kw_only=True, gc=False):
 
     #: An agent is a bottleneck above this utilisation (1.0: its instances always busy).
     utilisation: float = 0.8
-    #: ...or when an instance's pending messages grew by at least this much
+    #: ...or when an instance's pending messages (or the backlog of its reliable
+    #: subscriptions) grew by at least this much
     pending_growth: int = 10
     #: ...over at least this many snapshots, never decreasing.
     pending_samples: int = 3
@@ -73,9 +74,12 @@ class AgentReport(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     service: Latency | None
     #: arrival rate × mean service time ÷ instances.
     utilisation: float
-    #: Messages waiting for a handler now, and whether an instance's backlog grows.
+    #: Messages waiting for a handler now, and whether an instance's grow.
     pending: int
     pending_growing: bool
+    #: Messages the server holds for its reliable subscriptions, and whether they grow.
+    backlog: int
+    backlog_growing: bool
     bottleneck: bool
     #: Why it is a bottleneck ("" if it is not).
     reason: str
@@ -118,6 +122,7 @@ class Bottleneck(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     agent: str
     utilisation: float
     pending: int
+    backlog: int
     reason: str
 
 

@@ -3,8 +3,8 @@
 A node publishes a :class:`Snapshot` (msgpack) on ``_MESH.telemetry.<instance>``.
 Counters are **deltas** over the snapshot's interval, so snapshots from any number of
 instances and intervals merge exactly by adding them (histograms merge by adding
-bucket counts). Gauges (``pending``, ``inflight``, ``rss``) are the value at the end of
-the interval. ``seq`` grows by one per snapshot of an instance: a gap means snapshots
+bucket counts). Gauges (``pending``, ``inflight``, ``backlog``, ``rss``) are the value at
+the end of the interval. ``seq`` grows by one per snapshot of an instance: a gap means snapshots
 were lost (telemetry is at-most-once, like any core NATS message).
 
 Outbound traffic is broken down by concrete subject (what was published to), inbound
@@ -88,6 +88,10 @@ class ReceivedStats(
     #: and handler calls running.
     pending: int = 0
     inflight: int = 0
+    #: Gauge: messages the server still holds for the subscription, not yet delivered
+    #: (a reliable subscription's JetStream consumer, as this instance last saw it; the
+    #: instances of a queue group share it). 0 for a core NATS subscription.
+    backlog: int = 0
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
