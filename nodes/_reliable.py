@@ -96,6 +96,10 @@ PEER_WAIT: Final = 0.25
 MAX_MSG_ID: Final = 128
 #: Pause after a failed pull (connection lost, leader election) before the next.
 RETRY_PAUSE: Final = 0.5
+#: How long to wait for the consumer's backlog figure, and how long to go without
+#: asking again after it did not come.
+BACKLOG_WAIT: Final = 0.5
+BACKLOG_RETRY: Final = 10.0
 #: Ids of handled messages remembered per handler, to skip redeliveries.
 SEEN_IDS: Final = 100_000
 #: Tokens of a JetStream ack subject in its first form ($JS.ACK.<stream>.<consumer>...).
@@ -162,6 +166,8 @@ class ReliableConsumer:
         self._peer_subject = ""
         self._stream = ""
         self._stopping = False
+        #: Loop time before which the backlog is not asked for again (it failed).
+        self._backlog_retry = 0.0
 
     async def start(self) -> None:
         """Create the stream and the dead-letter stream if needed, bind the durable
@@ -245,7 +251,7 @@ class ReliableConsumer:
             try:
                 msgs = await self._psub.fetch(batch, timeout=FETCH_WAIT)
             except nats.errors.TimeoutError:
-                if self.subscription.backlog:
+                if self.subscription.backlog and loop.time() >= self._backlog_retry:
                     await self._refresh_backlog()
                 continue
             except (nats.errors.ConnectionClosedError, nats.errors.ConnectionDrainingError):
@@ -274,11 +280,14 @@ class ReliableConsumer:
     async def _refresh_backlog(self) -> None:
         """Ask the consumer how many messages it holds: a pull that got nothing means
         none are left, unless the consumer is at its limit of unacknowledged ones (then
-        many may be). Asked only while the last delivery said some were left."""
+        many may be). Asked only while the last delivery said some were left; the pull
+        loop waits at most BACKLOG_WAIT for it, and after a failure does not ask again
+        for BACKLOG_RETRY (no consumer leader: the next pulls matter more)."""
         try:
-            info = await self._psub.consumer_info()
+            info = await asyncio.wait_for(self._psub.consumer_info(), BACKLOG_WAIT)
         except Exception as exc:  # no leader, disconnected: the last figure stands
             log.debug("consumer info for %s: %s", self.subject, exc)
+            self._backlog_retry = asyncio.get_running_loop().time() + BACKLOG_RETRY
             return
         self.subscription.backlog = info.num_pending or 0
 

@@ -74,7 +74,7 @@ class AgentReport(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     service: Latency | None
     #: arrival rate × mean service time ÷ instances.
     utilisation: float
-    #: Messages waiting for a handler now, and whether an instance's grow.
+    #: Messages waiting for a handler now, and whether an instance's pending grows.
     pending: int
     pending_growing: bool
     #: Messages the server holds for its reliable subscriptions, and whether they grow.
