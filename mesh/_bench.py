@@ -417,6 +417,14 @@ def bench_topology(
     edges: Annotated[int, typer.Option(min=1, max=1_000_000, help="Edges between them.")] = 5000,
     rounds: Annotated[int, typer.Option(min=1, max=100, help="Timed rounds.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic mesh.")] = 0,
+    snapshots: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            max=64,
+            help="Snapshots per instance, one a second: 10 is mesh topology's window.",
+        ),
+    ] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Time the topology analysis (graph + every rule) on a synthetic mesh.
@@ -429,8 +437,13 @@ def bench_topology(
 
     from mesh._bench_topology import format_topology_bench, run_topology_bench
 
-    progress(f"topology bench: {agents} agents, {edges} edges, {rounds} rounds…")
-    result = run_topology_bench(agents=agents, edges=edges, rounds=rounds, seed=seed)
+    progress(
+        f"topology bench: {agents} agents, {edges} edges, "
+        f"{snapshots} snapshot{'s' if snapshots > 1 else ''} per instance, {rounds} rounds…"
+    )
+    result = run_topology_bench(
+        agents=agents, edges=edges, rounds=rounds, seed=seed, snapshots_per_instance=snapshots
+    )
     typer.echo(msgspec.json.encode(result).decode() if as_json else format_topology_bench(result))
 
 

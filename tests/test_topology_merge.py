@@ -265,6 +265,30 @@ def test_buckets_holding_zero_change_nothing(a: dict[int, int], b: dict[int, int
     )
 
 
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(latencies, min_size=1, max_size=15), min_size=3, max_size=20))
+def test_any_depth_and_mix_of_levels_is_exact(parts: list[list[int]]) -> None:
+    # Histograms, then distributions of distributions, and histograms beside
+    # distributions: every level equals the whole stream recorded at once.
+    counts = [histogram(values).to_counts() for values in parts]
+    summaries = Summaries()
+    third = len(counts) // 3
+    low = summaries.combine(counts[:third])  # may hold more than ADD_ABOVE histograms
+    mid = summaries.combine([low, summaries.combine(counts[third : 2 * third])])  # type: ignore[list-item]
+    top = summaries.combine([mid, *counts[2 * third :]])  # type: ignore[list-item]
+    summaries.summarise()
+    for dist, upto in ((low, third), (mid, 2 * third), (top, len(parts))):
+        merged = histogram([v for values in parts[:upto] for v in values])
+        assert dist is not None
+        assert dist.latency == Latency(
+            count=merged.count,
+            mean_ns=merged.mean,
+            p50_ns=merged.quantile(0.5),
+            p99_ns=merged.quantile(0.99),
+            max_ns=merged.max,
+        )
+
+
 def test_sums_beyond_64_bits_are_exact() -> None:
     big = HistogramCounts(counts={2047: 4}, min=MAX_NS, max=MAX_NS, sum=MAX_NS)
     summaries = Summaries()
@@ -275,24 +299,29 @@ def test_sums_beyond_64_bits_are_exact() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad",
+    ("bad", "computable"),
     [
-        HistogramCounts(counts={BUCKETS: 1}),
-        HistogramCounts(counts={-1: 1}),
-        HistogramCounts(counts={5: MAX_COUNT + 1}),
-        HistogramCounts(counts={5: 1}, min=-1),
-        HistogramCounts(counts={5: 1}, sum=1 << 63),
+        (HistogramCounts(counts={BUCKETS: 1}), False),
+        (HistogramCounts(counts={-1: 1}), False),
+        (HistogramCounts(counts={5: -1, 6: 2}), False),
+        (HistogramCounts(counts={5: 1}, min=-1), False),
+        (HistogramCounts(counts={5: 1 << 63}), False),
+        # Beyond what a node sends, but still added up exactly.
+        (HistogramCounts(counts={5: MAX_COUNT + 1}), True),
+        (HistogramCounts(counts={5: 1}, sum=1 << 63), True),
     ],
     ids=[
         "bucket-too-high",
         "negative-bucket",
-        "count-too-large",
+        "negative-count",
         "negative-min",
+        "count-above-63-bits",
+        "count-above-32-bits",
         "sum-above-63-bits",
     ],
 )
-def test_a_histogram_out_of_bounds_is_a_clear_error_and_a_window_refuses_it(
-    bad: HistogramCounts,
+def test_a_histogram_out_of_bounds_is_refused_by_windows_and_decoding(
+    bad: HistogramCounts, computable: bool
 ) -> None:
     assert not within_bounds(bad)
     snapshot = Snapshot(
@@ -303,11 +332,14 @@ def test_a_histogram_out_of_bounds_is_a_clear_error_and_a_window_refuses_it(
         interval=S,
         sent=[SentStats(subject="svc.x", msgs=1, requests=1, latency=bad)],
     )
-    with pytest.raises(ValueError, match="histogram"):
-        build_graph([snapshot])
+    if computable:
+        assert build_graph([snapshot]).publications[0].latency is not None
+    else:
+        with pytest.raises(ValueError, match="histogram"):
+            build_graph([snapshot])
     window = Window()
     assert not window.add(snapshot)
     assert window.stats.invalid == 1
-    # Decoding refuses the same values.
-    with pytest.raises(msgspec.ValidationError):
+    # Decoding refuses the same values (or cannot even encode them).
+    with pytest.raises((msgspec.ValidationError, OverflowError)):
         decode_snapshot(msgspec.msgpack.encode(snapshot))

@@ -290,7 +290,7 @@ def _publications(
                     if latency.sub_bits != SUB_BITS:
                         check_layout(latency, f"agent {agent!r}, subject {subject!r}")
                     parts.append(latency)
-            dist = summaries.combine(parts) if parts else None
+            dist = summaries.of_histograms(parts) if parts else None
             pub = Publication(
                 agent=agent,
                 subject=subject,
@@ -388,7 +388,7 @@ def _deliveries(
                     if latency.sub_bits != SUB_BITS:
                         check_layout(latency, f"agent {agent!r}, subscription {pattern!r}")
                     parts.append(latency)
-            dist = summaries.combine(parts) if parts else None
+            dist = summaries.of_histograms(parts) if parts else None
             deliveries.append(
                 Delivery(
                     subject=pattern,

@@ -10,10 +10,10 @@ then :meth:`LatencyHistogram.quantile` and friends give.
 :class:`Summaries` collects the distributions while the graph is built. A distribution
 (:class:`Distribution`) is the histograms it covers, and its :class:`Latency` exists
 from the start, so the graph's records are made as the build goes; a distribution of a
-single part is that part. :meth:`Summaries.summarise` then fills every latency in one
-vectorised pass (NumPy): the buckets of all distributions are gathered from the
-histograms they cover, sorted by (distribution, bucket), added up in one running sum,
-and each distribution's quantile buckets found by binary search in it. Done one
+single part is that part. A distribution lists the histograms under it (an edge's come
+from its instances' snapshots; more than :data:`ADD_ABOVE` are added up at once, in
+Python, so no level lists many). :meth:`Summaries.summarise` then fills every latency in
+one vectorised pass (NumPy, :mod:`topology._vector`). Done one
 distribution at a time, in Python, this took a third of the time of ``mesh bench
 topology``.
 
@@ -24,6 +24,7 @@ imports :mod:`topology` for its telemetry types, never loads it.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Final, Protocol
 
 import msgspec
 
@@ -59,37 +60,103 @@ class Distribution:
     __slots__ = ("latency", "members")
 
     def __init__(self, members: list[int]) -> None:
-        #: Indexes of the histograms covered, in :class:`Summaries`.
+        #: Indexes of its histograms in :attr:`Summaries.histograms` (one may be
+        #: counted more than once).
         self.members = members
         self.latency = Latency(count=0, mean_ns=0.0, p50_ns=0, p99_ns=0, max_ns=0)
+
+
+#: More histograms than this in one distribution are added up at once, in Python, rather
+#: than handed over one by one: an edge's come from its instances' snapshots, many of
+#: one distribution, and their sum has far fewer buckets than they have together.
+#: (Gathering buckets for the vectorised pass costs about as much per bucket as adding
+#: them up here, and the pass slows down once they no longer fit in the CPU's caches.)
+ADD_ABOVE: Final = 4
+
+
+class _Counts(Protocol):
+    """A histogram's buckets (index: count), min, max and sum of values."""
+
+    @property
+    def counts(self) -> dict[int, int]: ...
+    @property
+    def min(self) -> int: ...
+    @property
+    def max(self) -> int: ...
+    @property
+    def sum(self) -> int: ...
+
+
+class _Sum:
+    """Histograms added up."""
+
+    __slots__ = ("counts", "max", "min", "sum")
+
+    def __init__(self, counts: dict[int, int], lo: int, hi: int, total: int) -> None:
+        self.counts, self.min, self.max, self.sum = counts, lo, hi, total
+
+
+def _add(parts: list[_Counts]) -> _Sum:
+    """The bucket-wise sum of non-empty ``parts``, starting from a copy of the largest."""
+    sizes = [len(part.counts) for part in parts]
+    largest = sizes.index(max(sizes))
+    base = parts[largest]
+    counts = base.counts.copy()
+    get = counts.get
+    lo, hi, total = base.min, base.max, base.sum
+    for at, part in enumerate(parts):
+        if at == largest:
+            continue
+        for index, n in part.counts.items():
+            counts[index] = get(index, 0) + n
+        lo, hi = min(lo, part.min), max(hi, part.max)
+        total += part.sum
+    return _Sum(counts, lo, hi, total)
 
 
 class Summaries:
     """The distributions of one graph: made with :meth:`combine`, summarised together."""
 
-    __slots__ = ("_distributions", "_histograms")
+    __slots__ = ("distributions", "histograms")
 
     def __init__(self) -> None:
-        self._histograms: list[HistogramCounts] = []
-        self._distributions: list[Distribution] = []
+        #: Every distribution's histograms.
+        self.histograms: list[_Counts] = []
+        self.distributions: list[Distribution] = []
+
+    def of_histograms(self, parts: Sequence[_Counts]) -> Distribution | None:
+        """The distribution of these histograms; None if they hold no value."""
+        held = [part for part in parts if any(part.counts.values())]  # empty: no min, max
+        if not held:
+            return None
+        if len(held) > ADD_ABOVE:
+            held = [_add(held)]
+        histograms = self.histograms
+        start = len(histograms)
+        histograms += held
+        dist = Distribution(list(range(start, len(histograms))))
+        self.distributions.append(dist)
+        return dist
 
     def combine(self, parts: Sequence[HistogramCounts | Distribution]) -> Distribution | None:
-        """The distribution of ``parts`` (histograms or distributions); None if they
-        hold no value. A single distribution is returned itself."""
+        """The distribution of ``parts``, distributions or histograms; None if they hold
+        no value. A single distribution is returned itself."""
         if len(parts) == 1 and isinstance(parts[0], Distribution):
-            return parts[0]
-        histograms = self._histograms
+            return parts[0]  # the common case: one edge
+        children = [part for part in parts if isinstance(part, Distribution)]
+        if len(children) < len(parts):
+            leaf = self.of_histograms([p for p in parts if not isinstance(p, Distribution)])
+            if not children:
+                return leaf
+            if leaf is not None:
+                children.append(leaf)  # histograms beside distributions
+        if len(children) <= 1:
+            return children[0] if children else None
         members: list[int] = []
-        for part in parts:
-            if isinstance(part, Distribution):
-                members += part.members
-            elif any(part.counts.values()):  # an empty one's min and max mean nothing
-                members.append(len(histograms))
-                histograms.append(part)
-        if not members:
-            return None
+        for child in children:
+            members += child.members
         dist = Distribution(members)
-        self._distributions.append(dist)
+        self.distributions.append(dist)
         return dist
 
     def summarise(self) -> None:
@@ -99,8 +166,8 @@ class Summaries:
         enforces (:func:`~topology._histogram.within_bounds`; a
         :class:`~topology.Window` refuses such snapshots on ``add``).
         """
-        if not self._distributions:
+        if not self.distributions:
             return
         from topology._vector import summarise
 
-        summarise(self._histograms, self._distributions)
+        summarise(self)
