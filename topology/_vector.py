@@ -71,16 +71,26 @@ def summarise(summaries: Summaries) -> None:
     if float(held[pairs].sum()) >= _SAFE:
         raise ValueError("too many histogram counts to add up exactly")
     pair_sizes = sizes[pairs]
+    # (Temporaries are dropped as soon as they are used: a long window gathers
+    # millions of buckets.)
     entry = np.arange(int(pair_sizes.sum()), dtype=np.int64) + np.repeat(
         _starts(sizes)[pairs] - _starts(pair_sizes), pair_sizes
     )
+    gathered, counted = keys[entry], values[entry]
+    del entry
     owner = np.repeat(np.repeat(np.arange(len(members), dtype=np.int64), per_dist), pair_sizes)
+    per_dist_entries = np.bincount(owner, minlength=len(members))
     # Sorted by (distribution, bucket), one running sum holds every distribution's
     # cumulative counts, offset by the counts of the distributions before it.
-    order = np.argsort((owner << _BUCKET_BITS) | keys[entry], kind="stable")
-    buckets = keys[entry][order]
-    running = np.cumsum(values[entry][order])
-    per_dist_entries = np.bincount(owner, minlength=len(members))
+    owner <<= _BUCKET_BITS
+    owner |= gathered
+    del gathered
+    order = np.argsort(owner, kind="stable")
+    buckets = owner[order]
+    buckets &= BUCKETS - 1
+    del owner
+    running = np.cumsum(counted[order])
+    del counted, order
     ends = np.cumsum(per_dist_entries)
     before = np.concatenate(([0], running))[ends - per_dist_entries]
     totals = running[ends - 1] - before
