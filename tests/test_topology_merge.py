@@ -38,6 +38,17 @@ def histogram(values: list[int]) -> LatencyHistogram:
     return hist
 
 
+def summary(hist: LatencyHistogram) -> Latency:
+    """What a distribution of the same values must report."""
+    return Latency(
+        count=hist.count,
+        mean_ns=hist.mean,
+        p50_ns=hist.quantile(0.5),
+        p99_ns=hist.quantile(0.99),
+        max_ns=hist.max,
+    )
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.lists(st.lists(latencies, max_size=30), min_size=1, max_size=6))
 def test_summaries_equal_latency_histogram(parts: list[list[int]]) -> None:
@@ -57,13 +68,7 @@ def test_summaries_equal_latency_histogram(parts: list[list[int]]) -> None:
         return
     assert dist is not None
     assert nested is not None
-    assert dist.latency == Latency(
-        count=merged.count,
-        mean_ns=merged.mean,
-        p50_ns=merged.quantile(0.5),
-        p99_ns=merged.quantile(0.99),
-        max_ns=merged.max,
-    )
+    assert dist.latency == summary(merged)
     assert nested.latency == dist.latency
 
 
@@ -280,13 +285,7 @@ def test_any_depth_and_mix_of_levels_is_exact(parts: list[list[int]]) -> None:
     for dist, upto in ((low, third), (mid, 2 * third), (top, len(parts))):
         merged = histogram([v for values in parts[:upto] for v in values])
         assert dist is not None
-        assert dist.latency == Latency(
-            count=merged.count,
-            mean_ns=merged.mean,
-            p50_ns=merged.quantile(0.5),
-            p99_ns=merged.quantile(0.99),
-            max_ns=merged.max,
-        )
+        assert dist.latency == summary(merged)
 
 
 def test_sums_beyond_64_bits_are_exact() -> None:
