@@ -308,31 +308,27 @@ class ReliableStreams:
         name = config.name
         assert name is not None
         jsm = self._nc.jsm(timeout=max(0.1, min(PUBLISH_TIMEOUT, remaining)))
-        with busy_when_unavailable():
-            try:
-                await jsm.stream_info(name)
-                return name
-            except nats.js.errors.NotFoundError:
-                pass
-            try:
+        try:
+            with busy_when_unavailable():  # "not now" leaves as Busy, not an APIError
+                try:
+                    await jsm.stream_info(name)
+                    return name
+                except nats.js.errors.NotFoundError:
+                    pass
                 await jsm.add_stream(config)
-            except nats.js.errors.ServiceUnavailableError:
-                raise
-            except nats.js.errors.APIError as exc:
-                if exc.err_code == _ERR_STREAM_NAME_IN_USE:
-                    return name  # created meanwhile by another client
-                if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
-                    config.num_replicas = 1
-                    return await self._create_once(subject, config, remaining)
-                if exc.err_code == _ERR_SUBJECTS_OVERLAP:
-                    raise ReliableSetupError(
-                        subject,
-                        "another stream already stores this subject; delete it or pick another "
-                        "subject",
-                    ) from None
-                if exc.code == _UNAVAILABLE:
-                    raise Busy(exc.description or "JetStream is not available yet") from None
-                raise ReliableSetupError(subject, exc.description or str(exc)) from None
+        except nats.js.errors.APIError as exc:
+            if exc.err_code == _ERR_STREAM_NAME_IN_USE:
+                return name  # created meanwhile by another client
+            if exc.err_code == _ERR_REPLICAS_NOT_SUPPORTED and (config.num_replicas or 1) > 1:
+                config.num_replicas = 1
+                return await self._create_once(subject, config, remaining)
+            if exc.err_code == _ERR_SUBJECTS_OVERLAP:
+                raise ReliableSetupError(
+                    subject,
+                    "another stream already stores this subject; delete it or pick another "
+                    "subject",
+                ) from None
+            raise ReliableSetupError(subject, exc.description or str(exc)) from None
         log.info("created stream %s for %s (R%s)", name, subject, config.num_replicas)
         return name
 

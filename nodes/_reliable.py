@@ -207,19 +207,17 @@ class ReliableConsumer:
         js = self.runtime.client.nc.jetstream(timeout=10)
 
         async def attempt(_: float) -> Any:
-            with busy_when_unavailable():
-                try:
+            try:
+                with busy_when_unavailable():  # "not now" leaves as Busy, not an APIError
                     return await js.pull_subscribe(
                         self.subject, durable=self.durable, stream=stream, config=config
                     )
-                except nats.js.errors.ServiceUnavailableError:
-                    raise
-                except nats.js.errors.APIError as exc:
-                    raise ReliableSetupError(
-                        self.subject,
-                        f"{exc.description or exc} (a work-queue subject takes one consumer: "
-                        "is another agent handling it reliably?)",
-                    ) from None
+            except nats.js.errors.APIError as exc:
+                raise ReliableSetupError(
+                    self.subject,
+                    f"{exc.description or exc} (a work-queue subject takes one consumer: "
+                    "is another agent handling it reliably?)",
+                ) from None
 
         return await while_busy(self.subject, attempt)
 
