@@ -97,14 +97,16 @@ _ERR_REPLICAS_NOT_SUPPORTED: Final = 10074
 _UNAVAILABLE: Final = 503
 
 
-_MSG_ID: Final = re.compile(r"[!-~]{1,128}")
+#: Longest message id.
+MAX_MSG_ID: Final = 128
+_MSG_ID: Final = re.compile(rf"[!-~]{{1,{MAX_MSG_ID}}}")
 
 
 def validate_msg_id(msg_id: str) -> str:
-    """A message id chosen by the caller: 1-128 visible ASCII characters (it travels
-    in a header, so no spaces or line breaks)."""
+    """A message id chosen by the caller: 1 to MAX_MSG_ID visible ASCII characters (it
+    travels in a header, so no spaces or line breaks)."""
     if not _MSG_ID.fullmatch(msg_id):
-        raise InvalidName("message id", msg_id, "use 1-128 visible ASCII characters")
+        raise InvalidName("message id", msg_id, f"use 1-{MAX_MSG_ID} visible ASCII characters")
     return msg_id
 
 
@@ -325,8 +327,7 @@ class ReliableStreams:
             if exc.err_code == _ERR_SUBJECTS_OVERLAP:
                 raise ReliableSetupError(
                     subject,
-                    "another stream already stores this subject; delete it or pick another "
-                    "subject",
+                    "another stream already stores this subject; delete it or pick another subject",
                 ) from None
             raise ReliableSetupError(subject, exc.description or str(exc)) from None
         log.info("created stream %s for %s (R%s)", name, subject, config.num_replicas)

@@ -53,6 +53,7 @@ from mesh._reliable import (
     H_REASON,
     H_STREAM_SEQ,
     H_SUBJECT,
+    MAX_MSG_ID,
     ReliableStreams,
     busy_when_unavailable,
     consumer_name,
@@ -85,15 +86,11 @@ ACK_GRACE: Final = 10.0
 #: Pauses before an acknowledgement is repeated: the first, doubling up to the last.
 ACK_PAUSE: Final = 0.1
 ACK_MAX_PAUSE: Final = 0.4
-ACK: Final = b"+ACK"
-TERM: Final = b"+TERM"
 #: Where instances of an agent ask each other about a redelivered id
 #: (``<prefix><stream>.<durable>``).
 PEER_SEEN_PREFIX: Final = "_MESH.seen."
 #: Seconds a redelivery waits for a peer that handled it to say so.
 PEER_WAIT: Final = 0.25
-#: Longest message id (mesh._reliable.validate_msg_id).
-MAX_MSG_ID: Final = 128
 #: Pause after a failed pull (connection lost, leader election) before the next.
 RETRY_PAUSE: Final = 0.5
 #: How long to wait for the consumer's backlog figure, and how long to go without
@@ -331,7 +328,7 @@ class ReliableConsumer:
                 self.duplicates += 1
                 runtime._slots.release()
                 held = False
-                await self._confirm(jsmsg, ACK, settle_by)
+                await self._confirm(jsmsg, Msg.Ack.Ack, settle_by)
                 return
             held = False
             outcome = await runtime._run(
@@ -340,7 +337,7 @@ class ReliableConsumer:
             if not outcome:
                 handled = True
                 await self.seen.add(envelope.id)
-                await self._confirm(jsmsg, ACK, settle_by)
+                await self._confirm(jsmsg, Msg.Ack.Ack, settle_by)
             elif attempt >= self.handler.max_deliver:
                 await self._dead_letter(jsmsg, attempt, outcome)
             else:
@@ -351,7 +348,7 @@ class ReliableConsumer:
             # its work is done and only the confirmation was pending: one last ack.
             with contextlib.suppress(Exception):
                 if handled:
-                    await runtime.client.nc.publish(jsmsg.reply, ACK)
+                    await runtime.client.nc.publish(jsmsg.reply, Msg.Ack.Ack)
                 else:
                     await asyncio.wait_for(jsmsg.nak(), 1)
             raise
@@ -418,7 +415,8 @@ class ReliableConsumer:
         log.warning(
             "dead-lettered %s #%s after %d attempts: %s", self.subject, seq, attempt, reason
         )
-        await self._confirm(jsmsg, TERM, asyncio.get_running_loop().time() + ACK_ATTEMPT * 3)
+        give_up = asyncio.get_running_loop().time() + ACK_ATTEMPT * 3
+        await self._confirm(jsmsg, Msg.Ack.Term, give_up)
 
     async def _on_max_deliveries(self, msg: Any) -> None:
         """Dead-letter a message whose last delivery was never settled."""
