@@ -57,9 +57,11 @@ def test_summaries_equal_latency_histogram(parts: list[list[int]]) -> None:
         merged.merge(histogram(values))
     counts = [histogram(values).to_counts() for values in parts]
     summaries = Summaries()
-    dist = summaries.combine(counts)
+    dist = summaries.of_histograms(counts)
     # Combining in levels (instances → edge → subject) is the same as all at once.
-    levels = [d for d in (summaries.combine(counts[:2]), summaries.combine(counts[2:])) if d]
+    levels = [
+        d for d in (summaries.of_histograms(counts[:2]), summaries.of_histograms(counts[2:])) if d
+    ]
     nested = summaries.combine(levels)
     summaries.summarise()
     if merged.count == 0:
@@ -87,7 +89,7 @@ def test_many_distributions_summarised_together_are_each_exact(
     summaries = Summaries()
     made = []
     for parts in groups:
-        dist = summaries.combine([histogram(values).to_counts() for values in parts])
+        dist = summaries.of_histograms([histogram(values).to_counts() for values in parts])
         assert dist is not None
         made.append((dist, histogram([v for values in parts for v in values])))
     summaries.summarise()
@@ -227,13 +229,13 @@ def test_split_stream_gives_the_same_graph_as_the_whole(
 def test_a_single_distribution_is_shared_and_empty_parts_count_for_nothing() -> None:
     summaries = Summaries()
     part = histogram([5, 7]).to_counts()
-    dist = summaries.combine([part])
+    dist = summaries.of_histograms([part])
     assert dist is not None
     assert summaries.combine([dist]) is dist
-    assert summaries.combine([HistogramCounts(counts={}), part]) is not None
-    assert summaries.combine([HistogramCounts(counts={})]) is None
+    assert summaries.of_histograms([HistogramCounts(counts={}), part]) is not None
+    assert summaries.of_histograms([HistogramCounts(counts={})]) is None
     # Buckets that hold nothing are no values: no min or max to report.
-    assert summaries.combine([HistogramCounts(counts={3: 0}, min=3, max=3)]) is None
+    assert summaries.of_histograms([HistogramCounts(counts={3: 0}, min=3, max=3)]) is None
     summaries.summarise()
     assert dist.latency == Latency(count=2, mean_ns=6.0, p50_ns=5, p99_ns=7, max_ns=7)
 
@@ -257,7 +259,7 @@ def test_buckets_holding_zero_change_nothing(a: dict[int, int], b: dict[int, int
         parts.append(part)
         merged.merge(LatencyHistogram.from_counts(part))
     summaries = Summaries()
-    dist = summaries.combine(parts)
+    dist = summaries.of_histograms(parts)
     summaries.summarise()
     if merged.count == 0:
         assert dist is None
@@ -273,14 +275,14 @@ def test_buckets_holding_zero_change_nothing(a: dict[int, int], b: dict[int, int
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(latencies, min_size=1, max_size=15), min_size=3, max_size=20))
 def test_any_depth_and_mix_of_levels_is_exact(parts: list[list[int]]) -> None:
-    # Histograms, then distributions of distributions, and histograms beside
-    # distributions: every level equals the whole stream recorded at once.
+    # Histograms, distributions of them, and distributions of distributions of
+    # different depths: every level equals the whole stream recorded at once.
     counts = [histogram(values).to_counts() for values in parts]
     summaries = Summaries()
     third = len(counts) // 3
-    low = summaries.combine(counts[:third])  # may hold more than ADD_ABOVE histograms
-    mid = summaries.combine([low, summaries.combine(counts[third : 2 * third])])  # type: ignore[list-item]
-    top = summaries.combine([mid, *counts[2 * third :]])  # type: ignore[list-item]
+    low = summaries.of_histograms(counts[:third])  # may hold more than ADD_ABOVE histograms
+    mid = summaries.combine([low, summaries.of_histograms(counts[third : 2 * third])])  # type: ignore[list-item]
+    top = summaries.combine([mid, summaries.of_histograms(counts[2 * third :])])  # type: ignore[list-item]
     summaries.summarise()
     for dist, upto in ((low, third), (mid, 2 * third), (top, len(parts))):
         merged = histogram([v for values in parts[:upto] for v in values])
@@ -291,7 +293,7 @@ def test_any_depth_and_mix_of_levels_is_exact(parts: list[list[int]]) -> None:
 def test_sums_beyond_64_bits_are_exact() -> None:
     big = HistogramCounts(counts={2047: 4}, min=MAX_NS, max=MAX_NS, sum=MAX_NS)
     summaries = Summaries()
-    dist = summaries.combine([big, big, big])
+    dist = summaries.of_histograms([big, big, big])
     assert dist is not None
     summaries.summarise()
     assert dist.latency.mean_ns == 3 * MAX_NS / 12

@@ -35,7 +35,7 @@ from topology._nodes import (
     subject_nodes,
 )
 from topology._snapshot import ReceivedStats, SentStats, Snapshot
-from topology._sparse import Distribution, Summaries, check_layout
+from topology._sparse import Distribution, Summaries, add_counts, check_layout
 from topology._window import Window
 
 __all__ = ["build_graph", "sum_received", "sum_sent"]
@@ -179,11 +179,6 @@ def _file_instance(
     )
 
 
-def _add_counts(into: dict[str, int], counts: dict[str, int]) -> None:
-    for key, n in counts.items():
-        into[key] = into.get(key, 0) + n
-
-
 def _histograms(stats: list[SentStats] | list[ReceivedStats], where: str) -> list[HistogramCounts]:
     parts = [st.latency for st in stats if st.latency is not None]
     for part in parts:
@@ -228,8 +223,8 @@ def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[Histog
         senders: dict[str, int] = {}
         failures: dict[str, int] = {}
         for rs in group:
-            _add_counts(senders, rs.senders)
-            _add_counts(failures, rs.decode_failures)
+            add_counts(senders, rs.senders)
+            add_counts(failures, rs.decode_failures)
         stats = ReceivedStats(
             subject=subject,
             queue=queue,
@@ -358,8 +353,8 @@ def _deliveries(
             else:
                 senders, failures = {}, {}
                 for rs, _, _ in group:
-                    _add_counts(senders, rs.senders)
-                    _add_counts(failures, rs.decode_failures)
+                    add_counts(senders, rs.senders)
+                    add_counts(failures, rs.decode_failures)
             msgs = handled = errors = timeouts = replies = dropped = pending = inflight = 0
             backlog = 0
             msgs_s = handled_s = errors_s = raw_s = wire_s = reply_s = 0.0

@@ -49,8 +49,7 @@ RELATIVE_ERROR: Final = 1 / (2 * _SUB)
 
 
 #: Largest count one bucket of a snapshot's histogram may hold: far above what one
-#: interval records, low enough that adding up every bucket of a window stays exact in
-#: 64-bit integers (see :mod:`topology._vector`).
+#: interval records (a snapshot with more is garbled or forged).
 MAX_COUNT: Final = (1 << 32) - 1
 #: Largest min, max or sum (ns) a snapshot's histogram may hold: 63 bits, 292 years.
 MAX_NS: Final = (1 << 63) - 1

@@ -24,13 +24,13 @@ imports :mod:`topology` for its telemetry types, never loads it.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Final, Protocol
+from typing import Final, Protocol, TypeVar
 
 import msgspec
 
 from topology._histogram import SUB_BITS, HistogramCounts
 
-__all__ = ["Distribution", "Latency", "Summaries", "check_layout"]
+__all__ = ["Distribution", "Latency", "Summaries", "add_counts", "check_layout"]
 
 
 class Latency(msgspec.Struct, frozen=True, kw_only=True, gc=False):
@@ -96,21 +96,28 @@ class _Sum:
         self.counts, self.min, self.max, self.sum = counts, lo, hi, total
 
 
+K = TypeVar("K")
+
+
+def add_counts(into: dict[K, int], counts: dict[K, int]) -> None:
+    """Add ``counts`` to ``into``, key by key."""
+    get = into.get
+    for key, n in counts.items():
+        into[key] = get(key, 0) + n
+
+
 def _add(parts: list[_Counts]) -> _Sum:
     """The bucket-wise sum of non-empty ``parts``, starting from a copy of the largest."""
     sizes = [len(part.counts) for part in parts]
     largest = sizes.index(max(sizes))
     base = parts[largest]
     counts = base.counts.copy()
-    get = counts.get
     lo, hi, total = base.min, base.max, base.sum
     for at, part in enumerate(parts):
-        if at == largest:
-            continue
-        for index, n in part.counts.items():
-            counts[index] = get(index, 0) + n
-        lo, hi = min(lo, part.min), max(hi, part.max)
-        total += part.sum
+        if at != largest:
+            add_counts(counts, part.counts)
+            lo, hi = min(lo, part.min), max(hi, part.max)
+            total += part.sum
     return _Sum(counts, lo, hi, total)
 
 
@@ -138,23 +145,14 @@ class Summaries:
         self.distributions.append(dist)
         return dist
 
-    def combine(self, parts: Sequence[HistogramCounts | Distribution]) -> Distribution | None:
-        """The distribution of ``parts``, distributions or histograms; None if they hold
-        no value. A single distribution is returned itself."""
-        if len(parts) == 1 and isinstance(parts[0], Distribution):
-            return parts[0]  # the common case: one edge
-        children = [part for part in parts if isinstance(part, Distribution)]
-        if len(children) < len(parts):
-            leaf = self.of_histograms([p for p in parts if not isinstance(p, Distribution)])
-            if not children:
-                return leaf
-            if leaf is not None:
-                children.append(leaf)  # histograms beside distributions
-        if len(children) <= 1:
-            return children[0] if children else None
+    def combine(self, parts: Sequence[Distribution]) -> Distribution | None:
+        """The distribution of these distributions (a subject's edges, an agent's
+        subscriptions…); None if there are none. A single one is returned itself."""
+        if len(parts) <= 1:
+            return parts[0] if parts else None  # the common case: one edge
         members: list[int] = []
-        for child in children:
-            members += child.members
+        for part in parts:
+            members += part.members
         dist = Distribution(members)
         self.distributions.append(dist)
         return dist
