@@ -21,6 +21,10 @@ __all__ = ["NatsCluster"]
 logger = logging.getLogger("mesh.server")
 
 DEFAULT_CLUSTER_START_TIMEOUT = 30.0
+# Cluster ports are picked before any server starts (see __init__), so another process can
+# take one in between; the start is then tried again on fresh ports, this many times in all.
+START_ATTEMPTS = 3
+_PORT_TAKEN = ("Error listening on router port", "address already in use")
 
 
 class NatsCluster(Lifecycle):
@@ -43,23 +47,27 @@ class NatsCluster(Lifecycle):
     ) -> None:
         if size < 1:
             raise ValueError(f"a cluster needs at least one server, not {size}")
-        # Routes need every cluster port before any server starts, so nats-server cannot
-        # pick them; a port freed here may in rare cases be taken by someone else first.
-        cluster_ports = _free_ports(size)
-        routes = [f"nats://127.0.0.1:{port}" for port in cluster_ports]
         self.servers: list[NatsServer] = [
             NatsServer(
                 server_name=f"n{i + 1}",
                 cluster_name=cluster_name,
-                cluster_port=cluster_port,
-                routes=[route for j, route in enumerate(routes) if j != i],
                 store_dir=Path(base_dir) / f"n{i + 1}" if base_dir is not None else None,
                 binary=binary,
                 echo_log=echo_log,
                 sync_always=True,
             )
-            for i, cluster_port in enumerate(cluster_ports)
+            for i in range(size)
         ]
+        self._assign_cluster_ports()
+
+    def _assign_cluster_ports(self) -> None:
+        # Routes need every cluster port before any server starts, so nats-server cannot
+        # pick them; a port freed here may be taken by someone else first (start retries).
+        cluster_ports = _free_ports(len(self.servers))
+        routes = [f"nats://127.0.0.1:{port}" for port in cluster_ports]
+        for i, (server, cluster_port) in enumerate(zip(self.servers, cluster_ports, strict=True)):
+            server.cluster_port = cluster_port
+            server.routes = tuple(route for j, route in enumerate(routes) if j != i)
 
     @property
     def urls(self) -> list[str]:
@@ -79,21 +87,52 @@ class NatsCluster(Lifecycle):
         time.
         """
         deadline = time.monotonic() + timeout
-        try:
-            for server in self.servers:
-                server.start(max(deadline - time.monotonic(), 0.1))
-            if not asyncio.run(_wait_for_jetstream(self.urls, deadline)):
-                tail = "\n".join(
-                    f"[{server.server_name}] {line}"
-                    for server in self.servers
-                    for line in server.log_tail(10).splitlines()
-                )
-                raise NatsServerStartError(
-                    f"the cluster's JetStream was not available within {timeout:g}s", tail
-                )
-        except BaseException:
-            self.stop()
-            raise
+        attempt = 1
+        while True:
+            try:
+                self._start_once(timeout, deadline)
+                return
+            except NatsServerStartError:
+                taken = self._port_taken()
+                self.stop()
+                if taken is None or attempt == START_ATTEMPTS or time.monotonic() >= deadline:
+                    raise
+                logger.info("cluster port %d was taken; starting again on fresh ports", taken)
+                attempt += 1
+                self._assign_cluster_ports()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _start_once(self, timeout: float, deadline: float) -> None:
+        for server in self.servers:
+            server.start(max(deadline - time.monotonic(), 0.1))
+        exited = asyncio.run(_wait_for_jetstream(self.servers, deadline))
+        if exited is None:
+            return
+        tail = "\n".join(
+            f"[{server.server_name}] {line}"
+            for server in self.servers
+            for line in server.log_tail(10).splitlines()
+        )
+        if exited:
+            names = ", ".join(server.server_name or "?" for server in exited)
+            reason = f"{names} exited before the cluster's JetStream was available"
+        else:
+            reason = f"the cluster's JetStream was not available within {timeout:g}s"
+        raise NatsServerStartError(reason, tail)
+
+    def _port_taken(self) -> int | None:
+        """The cluster port a server that has exited could not listen on, if that is why."""
+        for server in self.servers:
+            if server.running or server.cluster_port is None:
+                continue
+            if any(
+                all(part in line for part in _PORT_TAKEN)
+                for line in server.log_tail(20).splitlines()
+            ):
+                return server.cluster_port
+        return None
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop every server; safe to call again."""
@@ -101,24 +140,36 @@ class NatsCluster(Lifecycle):
             server.stop(timeout)
 
 
-async def _wait_for_jetstream(urls: list[str], deadline: float) -> bool:
-    """True once every server answers ``$JS.API.INFO`` without an error, before deadline."""
-    results = await asyncio.gather(*(_jetstream_answers(url, deadline) for url in urls))
-    return all(results)
+async def _wait_for_jetstream(
+    servers: list[NatsServer], deadline: float
+) -> list[NatsServer] | None:
+    """None once every server answers ``$JS.API.INFO`` without an error, before deadline;
+    otherwise the servers that exited meanwhile (empty when the deadline passed)."""
+    answered = await asyncio.gather(*(_jetstream_answers(server, deadline) for server in servers))
+    if all(answered):
+        return None
+    return [server for server in servers if not server.running]
 
 
-async def _jetstream_answers(url: str, deadline: float) -> bool:
+async def _jetstream_answers(server: NatsServer, deadline: float) -> bool:
+    url = server.url
+
     async def quiet(error: Exception) -> None:
         logger.debug("while waiting for JetStream at %s: %r", url, error)
 
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and server.running:
         try:
-            nc = await nats.connect(url, connect_timeout=1, allow_reconnect=False, error_cb=quiet)
+            # nats.connect retries a refused server every 2 s for 60 attempts even without
+            # reconnects, so the deadline bounds it from outside.
+            nc = await asyncio.wait_for(
+                nats.connect(url, connect_timeout=1, allow_reconnect=False, error_cb=quiet),
+                max(min(deadline - time.monotonic(), 2.0), 0.01),
+            )
         except (OSError, TimeoutError, nats.errors.Error):
             await asyncio.sleep(0.1)
             continue
         try:
-            while time.monotonic() < deadline and nc.is_connected:
+            while time.monotonic() < deadline and nc.is_connected and server.running:
                 try:
                     reply = await nc.request("$JS.API.INFO", b"", timeout=1)
                     if "error" not in json.loads(reply.data):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -19,6 +20,7 @@ from _util import arun, eventually, retrying, wait_until
 from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
+import mesh._cluster
 from mesh._cluster import NatsCluster
 from mesh._errors import NatsServerNotFound, NatsServerStartError
 from mesh._server import NatsServer, find_nats_server
@@ -296,6 +298,47 @@ def test_cluster_keeps_an_r3_stream_through_a_killed_server(nats_cluster: NatsCl
             await nc.close()
 
     arun(main(), timeout=90)
+
+
+@pytest.mark.cluster
+def test_cluster_starts_again_on_fresh_ports_when_a_cluster_port_is_taken(tmp_path: Path) -> None:
+    cluster = NatsCluster(3, base_dir=tmp_path)
+    taken = cluster.servers[2].cluster_port
+    assert taken is not None
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with cluster:
+            assert taken not in [server.cluster_port for server in cluster.servers]
+            assert all(server.running for server in cluster.servers)
+
+            async def main() -> None:
+                nc = await nats.connect(servers=cluster.urls, error_cb=_quiet)
+                try:
+                    js = nc.jetstream(timeout=5)
+                    await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
+                    assert (await js.publish("r3.a", b"1")).seq == 1
+                finally:
+                    await nc.close()
+
+            arun(main(), timeout=60)
+
+
+@pytest.mark.cluster
+def test_cluster_start_fails_with_the_log_when_a_server_exits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(mesh._cluster, "START_ATTEMPTS", 1)
+    cluster = NatsCluster(3, base_dir=tmp_path)
+    taken = cluster.servers[2].cluster_port
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        with pytest.raises(NatsServerStartError) as failure:
+            cluster.start()
+    assert "n3 exited" in failure.value.reason
+    assert "Error listening on router port" in failure.value.log_tail
+    assert not any(server.running for server in cluster.servers)
 
 
 async def _replica_is_current(js: JetStreamContext, name: str) -> bool:
