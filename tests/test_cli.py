@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -428,14 +429,18 @@ def test_unknown_command_and_bad_option() -> None:
 
 
 def test_server_starts_and_stops_on_sigint(tmp_path: Path) -> None:
-    port = free_port()
+    port = 0
 
     async def main() -> None:
+        nonlocal port
         store = str(tmp_path / "store")
-        server = ("server", "--port", str(port), "--monitor-port", "0", "--store-dir", store)
+        server = ("server", "--port", "0", "--monitor-port", "0", "--store-dir", store)
         async with running(*server) as proc:
             assert proc.stderr is not None
-            await read_until(proc.stderr, "nats-server ready at")
+            ready = await read_until(proc.stderr, "nats-server ready at")
+            found = re.search(r"nats-server ready at nats://127\.0\.0\.1:(\d+)", ready)
+            assert found, ready
+            port = int(found.group(1))
             url = f"nats://127.0.0.1:{port}"
             async with await MeshClient.connect(url, name="visitor") as client:
                 assert client.connected

@@ -14,7 +14,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from _util import arun, eventually, free_port, retrying
+from _util import arun, eventually, retrying
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
@@ -565,7 +565,7 @@ def test_watcher_rejects_forged_stale_and_garbage_values(
 async def proxy(upstream_port: int) -> AsyncIterator[Partition]:
     """A TCP proxy to 127.0.0.1:upstream_port that the test can cut and restore."""
     partition = Partition(upstream_port)
-    server = await asyncio.start_server(partition.serve, "127.0.0.1", free_port())
+    server = await asyncio.start_server(partition.serve, "127.0.0.1", 0)
     partition.port = server.sockets[0].getsockname()[1]
     async with server:
         try:
