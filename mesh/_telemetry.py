@@ -24,6 +24,7 @@ from topology._histogram import LatencyHistogram
 from topology._snapshot import (
     TELEMETRY_SUBJECT,
     ReceivedStats,
+    ReliableStats,
     SentStats,
     Snapshot,
     encode_snapshot,
@@ -99,15 +100,19 @@ class ReceivedCounters:
     """
 
     __slots__ = (
+        "dead_lettered",
         "decode_failures",
         "dropped",
+        "duplicates",
         "errors",
         "handled",
         "latency",
+        "redelivered",
         "replies",
         "reply_bytes",
         "senders",
         "timeouts",
+        "unconfirmed",
     )
 
     def __init__(self) -> None:
@@ -120,6 +125,11 @@ class ReceivedCounters:
         self.replies = 0
         self.reply_bytes = 0
         self.latency: LatencyHistogram | None = None
+        # A reliable subscription's settling (see ReceivedStats).
+        self.redelivered = 0
+        self.duplicates = 0
+        self.dead_lettered = 0
+        self.unconfirmed = 0
 
     def add_sender(self, sender: str) -> SenderCounts:
         """The counts of a sender not seen yet this interval (the slow path)."""
@@ -167,6 +177,17 @@ class ReceivedCounters:
             pending=sub.pending,
             inflight=inflight,
             backlog=sub.backlog,
+            reliable=self._reliable(),
+        )
+
+    def _reliable(self) -> ReliableStats | None:
+        if not (self.redelivered or self.duplicates or self.dead_lettered or self.unconfirmed):
+            return None
+        return ReliableStats(
+            redelivered=self.redelivered,
+            duplicates=self.duplicates,
+            dead_lettered=self.dead_lettered,
+            unconfirmed=self.unconfirmed,
         )
 
 

@@ -149,6 +149,7 @@ class ReliableConsumer:
         #: Telemetry counts, reported like a subscription's.
         self.subscription = Subscription(handler.subject, handler.queue)
         self.seen = SeenIds()
+        # Since start; telemetry reports the same per interval (ReceivedStats).
         self.redelivered = 0  # deliveries after the first
         self.duplicates = 0  # already handled: acknowledged without running
         self.peer_duplicates = 0  # of which another instance had handled
@@ -300,8 +301,8 @@ class ReliableConsumer:
             attempt = _deliveries(jsmsg.reply)
             if attempt > 1:
                 self.redelivered += 1
+                self.subscription.counters.redelivered += 1
             data = jsmsg.data
-            counters = self.subscription.counters
             body: bytes | memoryview
             try:
                 envelope, body = decode_frame(data, self.subject)
@@ -309,12 +310,14 @@ class ReliableConsumer:
                     body = await runtime.client.codec.decode(body, envelope, self.subject)
                     envelope = msgspec.structs.replace(envelope, codec=Codec.NONE, dictionary=0)
             except MalformedMessage as exc:
-                counters.decode_failed("")
+                self.subscription.counters.decode_failed("")
                 runtime._slots.release()
                 held = False
                 await self._dead_letter(jsmsg, attempt, f"MalformedMessage: {exc}")
                 return
             self.subscription.received += 1
+            # Taken here, after the decode awaited: the emitter swaps counters at every snapshot.
+            counters = self.subscription.counters
             try:
                 counts = counters.senders[envelope.sender]
             except KeyError:
@@ -326,6 +329,7 @@ class ReliableConsumer:
                 attempt > 1 and await self._peer_handled(envelope.id)
             ):
                 self.duplicates += 1
+                self.subscription.counters.duplicates += 1
                 runtime._slots.release()
                 held = False
                 await self._confirm(jsmsg, Msg.Ack.Ack, settle_by)
@@ -412,6 +416,7 @@ class ReliableConsumer:
             log.error("could not dead-letter %s #%s: %s", self.subject, seq, exc)
             return
         self.dead_lettered += 1
+        self.subscription.counters.dead_lettered += 1
         log.warning(
             "dead-lettered %s #%s after %d attempts: %s", self.subject, seq, attempt, reason
         )
@@ -465,6 +470,7 @@ class ReliableConsumer:
             log.error("could not dead-letter %s #%d: %s", self._stream, advisory.stream_seq, exc)
             return
         self.dead_lettered += 1
+        self.subscription.counters.dead_lettered += 1
         log.warning(
             "dead-lettered %s #%d: never acknowledged in %d deliveries",
             self.subject,
@@ -498,6 +504,7 @@ class ReliableConsumer:
             except Exception as exc:  # no answer (a failover), no responders, reconnecting
                 if loop.time() + pause >= settle_by:
                     self.unconfirmed += 1
+                    self.subscription.counters.unconfirmed += 1
                     if self.unconfirmed == 1 or self.unconfirmed % 100 == 0:
                         log.warning(
                             "%s: %d acknowledgement(s) never confirmed (last: %s); those "

@@ -486,3 +486,63 @@ def test_a_reliable_handlers_backlog_is_in_its_telemetry(nats_url: str) -> None:
             assert max(inst.backlog) == peak
 
     arun(main(), timeout=90)
+
+
+def test_redeliveries_duplicates_and_dead_letters_are_in_telemetry_and_the_topology(
+    nats_url: str,
+) -> None:
+    from test_telemetry import collect
+
+    from topology import ReliableStats, Snapshot, analyse, build_graph
+
+    def settled(snaps: list[Snapshot]) -> ReliableStats:
+        total = ReliableStats()
+        for snap in snaps:
+            for rs in snap.received:
+                if rs.subject == "work.tasks" and rs.reliable is not None:
+                    total += rs.reliable
+        return total
+
+    async def main() -> None:
+        seen: list[int] = []
+        snaps: list[Snapshot] = []
+        async with (
+            await MeshClient.connect(nats_url, name="producer") as producer,
+            await MeshClient.connect(nats_url, name="watcher") as watcher,
+            await MeshClient.connect(nats_url, name="worker") as consumer,
+        ):
+            await collect(watcher, snaps)
+            runtime = NodeRuntime(
+                worker("worker", seen, max_deliver=3),
+                consumer,
+                register=False,
+                telemetry_interval=0.2,
+            )
+            async with runtime:
+                feed = runtime._consumers[0]
+                await producer.publish("work.tasks", Task(1, fail_times=2), reliable=True)
+                await producer.publish("work.tasks", Task(7, fail_times=99), reliable=True)
+                frame = encode_frame(
+                    Envelope(id="same-envelope", sender="producer"), msgspec.json.encode(Task(5))
+                )
+                js = producer.nc.jetstream()
+                await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "a"})
+                await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "b"})
+                await eventually(
+                    lambda: feed.dead_lettered == 1 and feed.duplicates == 1 and len(seen) == 2,
+                    timeout=20,
+                )
+                # Every snapshot swaps the counters: none of the counts is lost on the way.
+                expected = ReliableStats(redelivered=4, duplicates=1, dead_lettered=1)
+                assert (feed.redelivered, feed.unconfirmed) == (4, 0)
+            # Closing sends the last interval's snapshot.
+            await eventually(lambda: settled(snaps) == expected, timeout=10)
+
+        graph = build_graph(snaps)
+        (delivery,) = [d for d in graph.deliveries if d.subject == "work.tasks"]
+        assert delivery.reliable == expected
+        (subject,) = [s for s in analyse(graph).subjects if s.name == "work.tasks"]
+        assert (subject.redelivered, subject.dead_lettered) == (4, 1)
+        assert {"dead", "redelivered", "errors"} <= set(subject.flags)
+
+    arun(main(), timeout=60)

@@ -19,6 +19,7 @@ from topology import (
     LatencyHistogram,
     Publication,
     ReceivedStats,
+    ReliableStats,
     Report,
     SentStats,
     Snapshot,
@@ -282,6 +283,55 @@ def test_a_reliable_backlog_is_shared_by_its_instances_and_growing_is_a_bottlene
         for i, b in enumerate((90, 40, 10))
     ]
     assert not analyse(build_graph(falling)).bottlenecks
+
+
+def test_reliable_settling_adds_up_over_snapshots_and_instances_and_flags_the_subject() -> None:
+    def settled(**counts: int) -> ReliableStats:
+        return ReliableStats(**counts)
+
+    snaps = [
+        # q-0: two snapshots (summed per instance first), one without settling news.
+        snap(
+            "q-0",
+            seq=0,
+            received=[handled("svc.q", 3, MS, queue="q", reliable=settled(redelivered=2))],
+        ),
+        snap("q-0", seq=1, received=[handled("svc.q", 3, MS, queue="q")]),
+        snap(
+            "q-0",
+            seq=2,
+            received=[
+                handled(
+                    "svc.q",
+                    3,
+                    MS,
+                    queue="q",
+                    reliable=settled(redelivered=1, dead_lettered=1, unconfirmed=1),
+                )
+            ],
+        ),
+        snap(
+            "q-1",
+            seq=0,
+            received=[handled("svc.q", 2, MS, queue="q", reliable=settled(duplicates=2))],
+        ),
+        snap(
+            "q-1",
+            seq=0,
+            received=[handled("svc.q", 2, MS, queue="q", reliable=settled(duplicates=2))],
+        ),
+        snap("e-0", seq=0, received=[handled("evt.e", 5, MS)]),
+    ]
+    graph = build_graph(snaps)
+    (q,) = [d for d in graph.deliveries if d.subject == "svc.q"]
+    # The repeated (q-1, 0) counts once.
+    assert q.reliable == settled(redelivered=3, duplicates=2, dead_lettered=1, unconfirmed=1)
+    (e,) = [d for d in graph.deliveries if d.subject == "evt.e"]
+    assert e.reliable is None
+    r = analyse(graph)
+    assert (subject(r, "svc.q").redelivered, subject(r, "svc.q").dead_lettered) == (3, 1)
+    assert {"dead", "redelivered"} <= set(subject(r, "svc.q").flags)
+    assert not {"dead", "redelivered"} & set(subject(r, "evt.e").flags)
 
 
 def test_thresholds_are_parameters() -> None:

@@ -40,7 +40,7 @@ from topology._report import (
     Thresholds,
     report_json,
 )
-from topology._snapshot import ReceivedStats, SentStats, Snapshot, decode_snapshot
+from topology._snapshot import ReceivedStats, ReliableStats, SentStats, Snapshot, decode_snapshot
 from topology._sparse import Latency
 from topology._synthetic import synthetic_snapshots
 from topology._window import Window, WindowStats
@@ -52,6 +52,7 @@ __all__ = [  # telemetry in
     "HistogramCounts",
     "LatencyHistogram",
     "ReceivedStats",
+    "ReliableStats",
     "SentStats",
     "Snapshot",
     "Window",

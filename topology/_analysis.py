@@ -87,8 +87,9 @@ def analyse(graph: Graph, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> Report
     not how a request's time divides exactly.
 
     Subjects are flagged ``spof``, ``silent``, ``foreign`` (a foreign subscriber), and
-    ``errors``, ``timeouts``, ``failed`` (requests), ``decode``, ``dropped`` when those
-    counts are not zero. Every list in the report is sorted, so the same graph gives the
+    ``errors``, ``timeouts``, ``failed`` (requests), ``decode``, ``dropped``,
+    ``redelivered`` and ``dead`` (dead-lettered, reliable subjects) when those counts are
+    not zero. Every list in the report is sorted, so the same graph gives the
     same report.
     """
     with gc_paused():
@@ -244,6 +245,8 @@ def _subject(node: SubjectNode, flags: list[str]) -> SubjectReport:
         ("failed", node.failed),
         ("decode", node.decode_failures),
         ("dropped", node.dropped),
+        ("redelivered", node.redelivered),
+        ("dead", node.dead_lettered),
     ):
         if count:
             flags.append(flag)
@@ -273,6 +276,8 @@ def _subject(node: SubjectNode, flags: list[str]) -> SubjectReport:
         timeouts=node.timeouts,
         decode_failures=node.decode_failures,
         dropped=node.dropped,
+        redelivered=node.redelivered,
+        dead_lettered=node.dead_lettered,
         flags=tuple(sorted(flags)),
     )
 

@@ -34,7 +34,7 @@ from topology._nodes import (
     links,
     subject_nodes,
 )
-from topology._snapshot import ReceivedStats, SentStats, Snapshot
+from topology._snapshot import ReceivedStats, ReliableStats, SentStats, Snapshot
 from topology._sparse import Distribution, Summaries, add_counts, check_layout
 from topology._window import Window
 
@@ -222,9 +222,12 @@ def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[Histog
     for (subject, queue), group in groups.items():
         senders: dict[str, int] = {}
         failures: dict[str, int] = {}
+        reliable: ReliableStats | None = None
         for rs in group:
             add_counts(senders, rs.senders)
             add_counts(failures, rs.decode_failures)
+            if rs.reliable is not None:
+                reliable = rs.reliable if reliable is None else reliable + rs.reliable
         stats = ReceivedStats(
             subject=subject,
             queue=queue,
@@ -242,6 +245,7 @@ def sum_received(snaps: list[Snapshot]) -> list[tuple[ReceivedStats, list[Histog
             pending=group[-1].pending,
             inflight=group[-1].inflight,
             backlog=group[-1].backlog,
+            reliable=reliable,
         )
         where = f"instance {snaps[0].instance!r}, subscription {subject!r}"
         summed.append((stats, _histograms(group, where)))
@@ -343,7 +347,7 @@ def _deliveries(
         subscribers = []
         s_dists = []
         o_msgs = o_handled = o_errors = o_timeouts = o_replies = o_dropped = 0
-        o_failures = o_pending = 0
+        o_failures = o_pending = o_redelivered = o_dead = 0
         o_msgs_s = o_errors_s = o_raw_s = o_wire_s = 0.0
         for key in sorted(run) if len(run) > 1 else run:
             (queue, agent), group = key, run[key]
@@ -357,6 +361,7 @@ def _deliveries(
                     add_counts(failures, rs.decode_failures)
             msgs = handled = errors = timeouts = replies = dropped = pending = inflight = 0
             backlog = 0
+            reliable: ReliableStats | None = None
             msgs_s = handled_s = errors_s = raw_s = wire_s = reply_s = 0.0
             parts = []
             for rs, inv, more in group:
@@ -370,6 +375,8 @@ def _deliveries(
                 inflight += rs.inflight
                 if rs.backlog > backlog:  # the instances share it: each saw it at a moment
                     backlog = rs.backlog
+                if rs.reliable is not None:
+                    reliable = rs.reliable if reliable is None else reliable + rs.reliable
                 msgs_s += rs.msgs * inv
                 handled_s += rs.handled * inv
                 errors_s += rs.errors * inv
@@ -407,6 +414,7 @@ def _deliveries(
                     pending=pending,
                     inflight=inflight,
                     backlog=backlog,
+                    reliable=reliable,
                     latency=dist.latency if dist is not None else None,
                 )
             )
@@ -422,6 +430,9 @@ def _deliveries(
             o_pending += pending
             if failures:
                 o_failures += sum(failures.values())
+            if reliable is not None:
+                o_redelivered += reliable.redelivered
+                o_dead += reliable.dead_lettered
             o_msgs_s += msgs_s
             o_errors_s += errors_s
             o_raw_s += raw_s
@@ -462,6 +473,8 @@ def _deliveries(
             replies=o_replies,
             dropped=o_dropped,
             decode_failures=o_failures,
+            redelivered=o_redelivered,
+            dead_lettered=o_dead,
             pending=o_pending,
             msgs_s=o_msgs_s,
             errors_s=o_errors_s,

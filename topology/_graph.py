@@ -23,6 +23,7 @@ from __future__ import annotations
 import msgspec
 
 from topology._foreign import ForeignClient
+from topology._snapshot import ReliableStats
 from topology._sparse import Latency
 
 __all__ = [
@@ -111,6 +112,8 @@ class Delivery(
     #: Messages the server held for the subscription, not yet delivered (a reliable
     #: subscription's JetStream consumer; the highest its instances reported).
     backlog: int
+    #: How its instances settled reliable messages (None: nothing to report).
+    reliable: ReliableStats | None
     #: Handler service times.
     latency: Latency | None
 
@@ -203,6 +206,9 @@ class SubjectNode(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     replies: int
     dropped: int
     decode_failures: int
+    #: Reliable messages delivered again, and moved to the dead letters.
+    redelivered: int
+    dead_lettered: int
     msgs_out_per_s: float
     errors_per_s: float
     raw_out_per_s: float

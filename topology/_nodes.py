@@ -64,6 +64,8 @@ class Outbound(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     replies: int = 0
     dropped: int = 0
     decode_failures: int = 0
+    redelivered: int = 0
+    dead_lettered: int = 0
     pending: int = 0
     msgs_s: float = 0.0
     errors_s: float = 0.0
@@ -168,6 +170,8 @@ def subject_nodes(
                 replies=out.replies,
                 dropped=out.dropped,
                 decode_failures=out.decode_failures,
+                redelivered=out.redelivered,
+                dead_lettered=out.dead_lettered,
                 msgs_out_per_s=out.msgs_s,
                 errors_per_s=out.errors_s,
                 raw_out_per_s=out.raw_s,

@@ -23,7 +23,7 @@ MAX_ROWS: Final = 40
 _NAME: Final = 28
 _PLAIN_NATS: Final = "(plain nats)"
 #: Subject flags that colour a node red in the drawings.
-_ALARMS: Final = frozenset({"spof", "silent", "errors", "decode"})
+_ALARMS: Final = frozenset({"spof", "silent", "errors", "decode", "dead"})
 
 
 # ------------------------------------------------------------------- units

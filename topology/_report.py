@@ -113,6 +113,8 @@ class SubjectReport(msgspec.Struct, frozen=True, kw_only=True, gc=False):
     timeouts: int
     decode_failures: int
     dropped: int
+    redelivered: int
+    dead_lettered: int
     flags: tuple[str, ...]
 
 

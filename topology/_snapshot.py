@@ -56,6 +56,30 @@ class SentStats(
     latency: HistogramCounts | None = None
 
 
+class ReliableStats(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
+):
+    """A reliable subscription's settling during the interval."""
+
+    #: Deliveries after the first: a handler failed, timed out or never answered.
+    redelivered: int = 0
+    #: Messages handled already (by this instance or, said a peer, another one):
+    #: acknowledged without running them again.
+    duplicates: int = 0
+    #: Messages moved to the dead letters (attempts used up, or undecodable).
+    dead_lettered: int = 0
+    #: Acknowledgements JetStream never confirmed: those messages may run again.
+    unconfirmed: int = 0
+
+    def __add__(self, other: ReliableStats) -> ReliableStats:
+        return ReliableStats(
+            redelivered=self.redelivered + other.redelivered,
+            duplicates=self.duplicates + other.duplicates,
+            dead_lettered=self.dead_lettered + other.dead_lettered,
+            unconfirmed=self.unconfirmed + other.unconfirmed,
+        )
+
+
 class ReceivedStats(
     msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, forbid_unknown_fields=True
 ):
@@ -92,6 +116,9 @@ class ReceivedStats(
     #: (a reliable subscription's JetStream consumer, as this instance last saw it; the
     #: instances of a queue group share it). 0 for a core NATS subscription.
     backlog: int = 0
+    #: How a reliable subscription settled its messages; None when nothing of it
+    #: happened (always, for a core NATS subscription).
+    reliable: ReliableStats | None = None
 
 
 class Snapshot(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
