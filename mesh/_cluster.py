@@ -59,6 +59,8 @@ class NatsCluster(Lifecycle):
             for i in range(size)
         ]
         self._assign_cluster_ports()
+        #: The servers the last start attempt started (or tried to).
+        self._started: list[NatsServer] = []
 
     def _assign_cluster_ports(self) -> None:
         # Routes need every cluster port before any server starts, so nats-server cannot
@@ -99,13 +101,17 @@ class NatsCluster(Lifecycle):
                     raise
                 logger.info("cluster port %d was taken; starting again on fresh ports", taken)
                 attempt += 1
+                for server in self.servers:
+                    server.forget_ports()
                 self._assign_cluster_ports()
             except BaseException:
                 self.stop()
                 raise
 
     def _start_once(self, timeout: float, deadline: float) -> None:
+        self._started = []
         for server in self.servers:
+            self._started.append(server)
             server.start(max(deadline - time.monotonic(), 0.1))
         exited = asyncio.run(_wait_for_jetstream(self.servers, deadline))
         if exited is None:
@@ -123,8 +129,9 @@ class NatsCluster(Lifecycle):
         raise NatsServerStartError(reason, tail)
 
     def _port_taken(self) -> int | None:
-        """The cluster port a server that has exited could not listen on, if that is why."""
-        for server in self.servers:
+        """The cluster port a server started by the last attempt could not listen on, if
+        that is why it exited."""
+        for server in self._started:
             if server.running or server.cluster_port is None:
                 continue
             if any(
@@ -144,20 +151,28 @@ async def _wait_for_jetstream(
     servers: list[NatsServer], deadline: float
 ) -> list[NatsServer] | None:
     """None once every server answers ``$JS.API.INFO`` without an error, before deadline;
-    otherwise the servers that exited meanwhile (empty when the deadline passed)."""
-    answered = await asyncio.gather(*(_jetstream_answers(server, deadline) for server in servers))
+    otherwise the servers that exited meanwhile (empty when the deadline passed). The
+    wait ends as soon as one exits: the others may never elect a leader without it."""
+    answered = await asyncio.gather(
+        *(_jetstream_answers(server, servers, deadline) for server in servers)
+    )
     if all(answered):
         return None
     return [server for server in servers if not server.running]
 
 
-async def _jetstream_answers(server: NatsServer, deadline: float) -> bool:
+async def _jetstream_answers(
+    server: NatsServer, servers: list[NatsServer], deadline: float
+) -> bool:
     url = server.url
+
+    def waiting() -> bool:
+        return time.monotonic() < deadline and all(s.running for s in servers)
 
     async def quiet(error: Exception) -> None:
         logger.debug("while waiting for JetStream at %s: %r", url, error)
 
-    while time.monotonic() < deadline and server.running:
+    while waiting():
         try:
             # nats.connect retries a refused server every 2 s for 60 attempts even without
             # reconnects, so the deadline bounds it from outside.
@@ -169,7 +184,7 @@ async def _jetstream_answers(server: NatsServer, deadline: float) -> bool:
             await asyncio.sleep(0.1)
             continue
         try:
-            while time.monotonic() < deadline and nc.is_connected and server.running:
+            while waiting() and nc.is_connected:
                 try:
                     reply = await nc.request("$JS.API.INFO", b"", timeout=1)
                     if "error" not in json.loads(reply.data):

@@ -146,6 +146,7 @@ class NatsServer(Lifecycle):
         self.extra_args = tuple(extra_args)
         self._port = port
         self._monitor_port = monitor_port
+        self._asked_ports = (port, monitor_port)
         self._store_dir = Path(store_dir) if store_dir is not None else None
         self._binary = binary
         self._echo_log = echo_log
@@ -197,7 +198,8 @@ class NatsServer(Lifecycle):
         return self._runtime_dir / "store" if self._runtime_dir is not None else None
 
     def log_tail(self, n: int = 30) -> str:
-        """The last ``n`` lines of the server's log (of the last 200 kept)."""
+        """The last ``n`` lines of the current (or last) process's log (of the last 200
+        kept)."""
         with self._cond:
             lines = list(self._lines)
         return "\n".join(lines[-n:]) if n > 0 else ""
@@ -226,6 +228,7 @@ class NatsServer(Lifecycle):
         boot = _Boot()
         with self._cond:
             self._boot = boot
+            self._lines.clear()  # the log of this process only
         try:
             proc = self._proc = _spawn(argv)
             assert proc.stdout is not None
@@ -253,6 +256,14 @@ class NatsServer(Lifecycle):
         if boot.monitor is not None:
             self._monitor_port = boot.monitor[1]
         logger.debug("nats-server pid %d ready at %s", proc.pid, self.url)
+
+    def forget_ports(self) -> None:
+        """Let the next start listen on the ports asked for when this server was made
+        (0: fresh free ones) rather than on those the last process got, which another
+        process may have taken since."""
+        if self.running:
+            raise RuntimeError(f"nats-server is running (pid {self.pid}): stop it first")
+        self._port, self._monitor_port = self._asked_ports
 
     def stop(self, timeout: float = DEFAULT_STOP_TIMEOUT) -> None:
         """Stop the server and remove its temporary store; safe to call again.

@@ -301,9 +301,14 @@ def test_cluster_keeps_an_r3_stream_through_a_killed_server(nats_cluster: NatsCl
 
 
 @pytest.mark.cluster
-def test_cluster_starts_again_on_fresh_ports_when_a_cluster_port_is_taken(tmp_path: Path) -> None:
-    cluster = NatsCluster(3, base_dir=tmp_path)
-    taken = cluster.servers[2].cluster_port
+@pytest.mark.parametrize("size", [2, 3])
+def test_cluster_starts_again_on_fresh_ports_when_a_cluster_port_is_taken(
+    tmp_path: Path, size: int
+) -> None:
+    # Two servers cannot elect a JetStream leader without the one that exited: the
+    # wait must end when it exits, not at the deadline (which leaves no retry).
+    cluster = NatsCluster(size, base_dir=tmp_path)
+    taken = cluster.servers[-1].cluster_port
     assert taken is not None
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", taken))
@@ -316,8 +321,8 @@ def test_cluster_starts_again_on_fresh_ports_when_a_cluster_port_is_taken(tmp_pa
                 nc = await nats.connect(servers=cluster.urls, error_cb=_quiet)
                 try:
                     js = nc.jetstream(timeout=5)
-                    await js.add_stream(name="R3", subjects=["r3.>"], num_replicas=3)
-                    assert (await js.publish("r3.a", b"1")).seq == 1
+                    await js.add_stream(name="R", subjects=["r.>"], num_replicas=size)
+                    assert (await js.publish("r.a", b"1")).seq == 1
                 finally:
                     await nc.close()
 
