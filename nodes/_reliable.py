@@ -458,7 +458,7 @@ class ReliableConsumer:
         if msg_id:
             headers[H_MSG_ID] = msg_id
         try:
-            await store(
+            stored_ack = await store(
                 nc,
                 dlq_subject(self.subject),
                 data,
@@ -468,6 +468,10 @@ class ReliableConsumer:
             await nc.jsm(timeout=5).delete_msg(self._stream, advisory.stream_seq)
         except Exception as exc:
             log.error("could not dead-letter %s #%d: %s", self._stream, advisory.stream_seq, exc)
+            return
+        if stored_ack.duplicate:
+            # Its handler dead-lettered it already (and counted it); only the
+            # termination was never confirmed.
             return
         self.dead_lettered += 1
         self.subscription.counters.dead_lettered += 1

@@ -26,6 +26,8 @@ from mesh._reliable import (
     H_ATTEMPTS,
     H_REASON,
     H_SUBJECT,
+    dlq_subject,
+    store,
     stream_name,
 )
 from mesh._server import NatsServer
@@ -311,9 +313,14 @@ def test_on_a_cluster_streams_are_replicated_and_synced(nats_cluster: NatsCluste
     assert varz["jetstream"]["config"]["sync_always"] is True
 
 
-def test_a_message_never_settled_is_dead_lettered_from_the_advisory(nats_url: str) -> None:
+@pytest.mark.parametrize("already_dead", [False, True], ids=["settled-never", "term-unconfirmed"])
+def test_a_message_never_settled_is_dead_lettered_from_the_advisory(
+    nats_url: str, already_dead: bool
+) -> None:
     """An instance that took a message on its last delivery and died: nothing would
-    deliver it again, so the agent's other instance moves it to the dead letters."""
+    deliver it again, so the agent's other instance moves it to the dead letters. If
+    the dying instance had stored it there already (only its termination was lost), it
+    is removed from its stream and not counted twice."""
 
     async def main() -> None:
         node = Node("worker", handler_timeout=0.5)  # ack_wait 5.5 s
@@ -339,6 +346,23 @@ def test_a_message_never_settled_is_dead_lettered_from_the_advisory(nats_url: st
             await producer.publish("work.fragile", b"lost?", reliable=True, msg_id="m-1")
             taken = await doomed.fetch(1, timeout=5)
             assert taken[0].metadata.num_delivered == 1
+            if already_dead:
+                seq = taken[0].metadata.sequence.stream
+                await store(
+                    producer.nc,
+                    dlq_subject("work.fragile"),
+                    taken[0].data,
+                    f"dlq:{stream_name('work.fragile')}:{seq}",
+                    headers={H_REASON: "RuntimeError: stored by the doomed instance"},
+                )
+                await eventually(
+                    lambda: _zero(stream_messages(producer, stream_name("work.fragile"))),
+                    timeout=20,
+                )
+                assert feed.dead_lettered == 0
+                assert feed.subscription.counters.dead_lettered == 0
+                assert await stream_messages(producer, DLQ_STREAM) == 1
+                return
             await eventually(lambda: feed.dead_lettered == 1, timeout=20)
             dead = await producer.nc.jsm().get_msg(DLQ_STREAM, seq=1)
             assert dead.headers[H_REASON].startswith("no acknowledgement after 1 deliveries")

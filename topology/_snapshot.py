@@ -61,7 +61,8 @@ class ReliableStats(
 ):
     """A reliable subscription's settling during the interval."""
 
-    #: Deliveries after the first: a handler failed, timed out or never answered.
+    #: Deliveries after the first: a handler failed or timed out, its instance died or
+    #: hung, or an instance shutting down handed back what it had not run.
     redelivered: int = 0
     #: Messages handled already (by this instance or, said a peer, another one):
     #: acknowledged without running them again.
