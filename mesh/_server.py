@@ -40,6 +40,8 @@ LOG_LINES = 200
 
 _BINARY_NAME = "nats-server.exe" if sys.platform == "win32" else "nats-server"
 _READY = "Server is ready"
+#: Seconds to wait for an exited process's last log lines to be read from its pipe.
+_LOG_DRAIN_WAIT = 2.0
 _CLIENT_LISTEN = "Listening for client connections on "
 _MONITOR_LISTEN = "Starting http monitor on "
 _WILDCARD_HOSTS = frozenset({"", "0.0.0.0", "::", "[::]"})
@@ -199,7 +201,11 @@ class NatsServer(Lifecycle):
 
     def log_tail(self, n: int = 30) -> str:
         """The last ``n`` lines of the current (or last) process's log (of the last 200
-        kept)."""
+        kept). Once the process has exited, they include everything it wrote."""
+        proc, reader = self._proc, self._reader
+        if proc is not None and proc.poll() is not None and reader is not None:
+            # Its last lines (a fatal error) may still be in the pipe.
+            reader.join(_LOG_DRAIN_WAIT)
         with self._cond:
             lines = list(self._lines)
         return "\n".join(lines[-n:]) if n > 0 else ""
