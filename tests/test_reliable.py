@@ -47,6 +47,15 @@ async def stream_messages(client: MeshClient, name: str) -> int:
     return int(info.state.messages)
 
 
+async def publish_one_envelope_twice(producer: MeshClient, task: Task) -> None:
+    """Two stream messages (different Nats-Msg-Id) with one envelope id: what a lost
+    acknowledgement looks like to the consumer."""
+    frame = encode_frame(Envelope(id="same-envelope", sender="producer"), msgspec.json.encode(task))
+    js = producer.nc.jetstream()
+    await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "a"})
+    await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "b"})
+
+
 def worker(
     name: str, seen: list[int], *, max_deliver: int = 5, delay: float = 0.0, fixed: bool = False
 ) -> Node:
@@ -225,13 +234,7 @@ def test_a_redelivered_message_already_handled_is_acknowledged_without_running(
             NodeRuntime(worker("worker", seen), consumer, register=False) as runtime,
         ):
             await producer.publish("work.tasks", Task(0), reliable=True)
-            frame = encode_frame(
-                Envelope(id="same-envelope", sender="producer"), msgspec.json.encode(Task(5))
-            )
-            js = producer.nc.jetstream()
-            # Two stream messages (different Nats-Msg-Id), one envelope id.
-            await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "a"})
-            await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "b"})
+            await publish_one_envelope_twice(producer, Task(5))
             feed = runtime._consumers[0]
             await eventually(lambda: feed.duplicates == 1 and sorted(seen) == [0, 5])
             await asyncio.sleep(0.2)
@@ -546,12 +549,7 @@ def test_redeliveries_duplicates_and_dead_letters_are_in_telemetry_and_the_topol
                 feed = runtime._consumers[0]
                 await producer.publish("work.tasks", Task(1, fail_times=2), reliable=True)
                 await producer.publish("work.tasks", Task(7, fail_times=99), reliable=True)
-                frame = encode_frame(
-                    Envelope(id="same-envelope", sender="producer"), msgspec.json.encode(Task(5))
-                )
-                js = producer.nc.jetstream()
-                await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "a"})
-                await js.publish("work.tasks", frame, headers={"Nats-Msg-Id": "b"})
+                await publish_one_envelope_twice(producer, Task(5))
                 await eventually(
                     lambda: feed.dead_lettered == 1 and feed.duplicates == 1 and len(seen) == 2,
                     timeout=20,

@@ -286,15 +286,12 @@ def test_a_reliable_backlog_is_shared_by_its_instances_and_growing_is_a_bottlene
 
 
 def test_reliable_settling_adds_up_over_snapshots_and_instances_and_flags_the_subject() -> None:
-    def settled(**counts: int) -> ReliableStats:
-        return ReliableStats(**counts)
-
     snaps = [
         # q-0: two snapshots (summed per instance first), one without settling news.
         snap(
             "q-0",
             seq=0,
-            received=[handled("svc.q", 3, MS, queue="q", reliable=settled(redelivered=2))],
+            received=[handled("svc.q", 3, MS, queue="q", reliable=ReliableStats(redelivered=2))],
         ),
         snap("q-0", seq=1, received=[handled("svc.q", 3, MS, queue="q")]),
         snap(
@@ -306,26 +303,26 @@ def test_reliable_settling_adds_up_over_snapshots_and_instances_and_flags_the_su
                     3,
                     MS,
                     queue="q",
-                    reliable=settled(redelivered=1, dead_lettered=1, unconfirmed=1),
+                    reliable=ReliableStats(redelivered=1, dead_lettered=1, unconfirmed=1),
                 )
             ],
         ),
         snap(
             "q-1",
             seq=0,
-            received=[handled("svc.q", 2, MS, queue="q", reliable=settled(duplicates=2))],
+            received=[handled("svc.q", 2, MS, queue="q", reliable=ReliableStats(duplicates=2))],
         ),
         snap(
             "q-1",
             seq=0,
-            received=[handled("svc.q", 2, MS, queue="q", reliable=settled(duplicates=2))],
+            received=[handled("svc.q", 2, MS, queue="q", reliable=ReliableStats(duplicates=2))],
         ),
         snap("e-0", seq=0, received=[handled("evt.e", 5, MS)]),
     ]
     graph = build_graph(snaps)
     (q,) = [d for d in graph.deliveries if d.subject == "svc.q"]
     # The repeated (q-1, 0) counts once.
-    assert q.reliable == settled(redelivered=3, duplicates=2, dead_lettered=1, unconfirmed=1)
+    assert q.reliable == ReliableStats(redelivered=3, duplicates=2, dead_lettered=1, unconfirmed=1)
     (e,) = [d for d in graph.deliveries if d.subject == "evt.e"]
     assert e.reliable is None
     r = analyse(graph)

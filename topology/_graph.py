@@ -11,8 +11,8 @@ it received; a sender that publishes no snapshots (the CLI, a plain NATS client,
 Counts are exact sums over the window; rates are per second (an instance's counts over
 the sum of its snapshots' intervals, summed over instances); gauges (pending, inflight,
 rss) are each instance's last value, summed, except a subscription's ``backlog``, which
-its instances share (the highest they reported). Latencies are summaries (:class:`Latency`)
-of the exact bucket-wise merge of the instances' histograms.
+its instances share (the highest they reported). Latencies are summaries
+(:class:`Latency`) of the exact bucket-wise merge of the instances' histograms.
 
 The three edge kinds are tagged (``kind``: ``publish``, ``deliver``, ``talk``) so a report
 lists them together and its JSON says which is which.

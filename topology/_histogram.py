@@ -80,9 +80,8 @@ class HistogramCounts(msgspec.Struct, frozen=True, kw_only=True):
 def within_bounds(hist: HistogramCounts) -> bool:
     """Whether ``hist`` is of this layout and within the bounds decoding enforces (a
     histogram made in Python is not checked when it is made)."""
-    if hist.sub_bits != SUB_BITS or not min(hist.min, hist.max, hist.sum) >= 0:
-        return False
-    if max(hist.min, hist.max, hist.sum) > MAX_NS:
+    values = (hist.min, hist.max, hist.sum)
+    if hist.sub_bits != SUB_BITS or min(values) < 0 or max(values) > MAX_NS:
         return False
     counts = hist.counts
     return not counts or (

@@ -3,9 +3,9 @@
 A node publishes a :class:`Snapshot` (msgpack) on ``_MESH.telemetry.<instance>``.
 Counters are **deltas** over the snapshot's interval, so snapshots from any number of
 instances and intervals merge exactly by adding them (histograms merge by adding
-bucket counts). Gauges (``pending``, ``inflight``, ``backlog``, ``rss``) are the value at
-the end of the interval. ``seq`` grows by one per snapshot of an instance: a gap means snapshots
-were lost (telemetry is at-most-once, like any core NATS message).
+bucket counts). Gauges (``pending``, ``inflight``, ``backlog``, ``rss``) are the value
+at the end of the interval. ``seq`` grows by one per snapshot of an instance: a gap
+means snapshots were lost (telemetry is at-most-once, like any core NATS message).
 
 Outbound traffic is broken down by concrete subject (what was published to), inbound
 traffic by subscription (the subject pattern and queue group the instance subscribed
